@@ -163,6 +163,10 @@ def run_stage1(task: Any, args: argparse.Namespace) -> dict:
         _check_reusable(pkl, args.ai_model, task)
         print(f"[stage1] reusing {pkl}", flush=True)
     else:
+        from lib.model_resolution import resolve_model_source
+        from lib.modeling_and_ablation import model_cache_root
+
+        resolve_model_source(args.ai_model, model_cache_root(args.ai_model_cache_dir))  # fail fast
         args.checkpoint_path = pkl.with_name(pkl.name + ".partial.jsonl")
         cache = task.generate_cache(args.ai_model, args.ai_model_cache_dir, args)
         atomic_write_pickle(pkl, cache)

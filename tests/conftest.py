@@ -1,0 +1,39 @@
+"""Shared fixtures: the embedded models, loaded once per test session (real weights, CPU)."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+SMOLLM2 = "smollm2-135m-instruct-q4_1"
+GEMMA3 = "gemma-3-270m-q4_k_m"
+
+
+@pytest.fixture(scope="session")
+def repo_root() -> Path:
+    return REPO
+
+
+@pytest.fixture(scope="session")
+def smollm2():
+    """SmolLM2-135M-Instruct (embedded GGUF) wrapped in a TransformerBridge, on CPU."""
+    from lib.modeling_and_ablation import load_analysed_model
+
+    return load_analysed_model(SMOLLM2, device="cpu")
+
+
+@pytest.fixture(scope="session")
+def gemma3():
+    """Gemma-3-270m base (embedded GGUF, assembled from chunk packages), on CPU."""
+    from lib.modeling_and_ablation import load_analysed_model
+
+    return load_analysed_model(GEMMA3, device="cpu")

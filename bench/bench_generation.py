@@ -137,17 +137,17 @@ def main(argv: list[str] | None = None) -> int:
     for _, fn in methods:
         fn(warm)
 
-    best = [float("inf")] * len(methods)
+    walls: list[list[float]] = [[] for _ in methods]
     answers_of: list[list[str]] = [[] for _ in methods]
     for r in range(max(1, args.repeats)):
         order = [(r + k) % len(methods) for k in range(len(methods))]  # rotate so no method always goes first
         for i in order:
             wall, answers = run_timed(lambda: methods[i][1](prompts), model.device)
-            best[i] = min(best[i], wall)
+            walls[i].append(wall)
             if r > 0 and answers != answers_of[i]:
                 print(f"warning: {methods[i][0]} gave different answers in round {r + 1}")
             answers_of[i] = answers
-    results = [(name, best[i], answers_of[i]) for i, (name, _) in enumerate(methods)]
+    results = [(name, min(walls[i]), answers_of[i]) for i, (name, _) in enumerate(methods)]
     print(f"  after timing    {_load()}")
 
     ref_wall, ref = results[0][1], results[0][2]
@@ -164,7 +164,10 @@ def main(argv: list[str] | None = None) -> int:
         scored_col = "ref" if i == 0 else f"{same_scored:.3f}"
         print(f"{name:<30} {wall:>8.2f} {n / wall:>10.1f} {ref_wall / wall:>7.2f}x {raw_col:>9} {scored_col:>12}")
     print()
-    print(f"speedup = wall(a) / wall(method); > 1 is faster than HF generate. Best of {max(1, args.repeats)} round(s).")
+    print(f"speedup = wall(a) / wall(method); > 1 is faster than HF generate. Best of {max(1, args.repeats)} round(s);")
+    print("every round's wall s (a large spread means other load on the machine):")
+    for (name, _), w in zip(methods, walls):
+        print(f"  {name:<30} " + " ".join(f"{x:7.2f}" for x in w))
 
     diffs = [(p, r, a) for p, r, a in zip(prompts, ref, results[2][2]) if r != a]
     if diffs:

@@ -56,12 +56,12 @@ def set_deterministic(seed: int) -> None:
 def ensure_writable_dir(path: str | Path, what: str = "output folder") -> Path:
     """Create `path` (and parents) and check it is writable; raise ArtifactError naming it otherwise."""
     p = Path(path)
+    if p.exists() and not p.is_dir():
+        raise ArtifactError(f"{what} '{p}' exists and is not a folder")
     try:
         p.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise ArtifactError(f"cannot create {what} '{p}': {exc.strerror or exc}") from None
-    if not p.is_dir():
-        raise ArtifactError(f"{what} '{p}' exists and is not a folder")
     if not os.access(p, os.W_OK | os.X_OK):
         raise ArtifactError(f"{what} '{p}' is not writable")
     return p
@@ -164,7 +164,8 @@ class DiskCache:
             return default  # a corrupt entry is a miss; it is rewritten on the next put
 
     def __contains__(self, key: str) -> bool:
-        return self._path(key).exists()
+        sentinel = object()
+        return self.get(key, sentinel) is not sentinel
 
     def put(self, key: str, value: Any) -> None:
         atomic_write_pickle(self._path(key), value)

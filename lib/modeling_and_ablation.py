@@ -170,10 +170,13 @@ def _converted_gguf_folder(source: ModelSource, root: Path) -> Path:
     return folder
 
 
+def _hub_offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() not in ("", "0", "false", "no")
+
+
 def _offline_hint(source: ModelSource) -> str:
     aliases = ", ".join(EMBEDDED_MODELS)
-    offline = os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0", "false", "False")
-    where = "HF_HUB_OFFLINE is set, so only the local cache is searched" if offline else "the hub may be unreachable"
+    where = "HF_HUB_OFFLINE is set, so only the local cache is searched" if _hub_offline() else "the hub may be unreachable"
     return (
         f"could not load '{source.spec}' ({where}). Either download it on a machine with network "
         f"access into --ai_model_cache_dir, pass a local model folder or a .gguf file, or use an "
@@ -187,6 +190,8 @@ def _load_hf(source: ModelSource, dtype: torch.dtype, cache_dir: str | None) -> 
     kwargs: dict[str, Any] = {}
     if source.kind == "hf_id":
         kwargs = {"revision": source.revision, "cache_dir": cache_dir}
+        if _hub_offline():  # read at call time: huggingface_hub only reads it at import
+            kwargs["local_files_only"] = True
     try:
         with _quiet_loading():
             tok = AutoTokenizer.from_pretrained(source.location, **kwargs)

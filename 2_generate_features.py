@@ -47,7 +47,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--z_thresh", type=float, default=10.0, help="MAD robust-z cut")
     p.add_argument("--max_number_of_prompts_to_analyze", "--max_prompts", type=int, default=0,
                    help="seeded random subset of rows (0 = all)")
-    p.add_argument("--feature_timeout", type=float, default=10.0, help="wall-clock seconds per feature evaluation")
+    p.add_argument("--feature_timeout", type=float, default=10.0,
+                   help="CPU seconds a feature may use per 5,000 rows (wall clock: twice that)")
     p.add_argument("--sanity_rows", type=int, default=10, help="rows every proposed feature must run on")
     p.add_argument("--seed", type=int, default=42, help="global seed")
     p.add_argument("--task_module", default="lib.tasks.arithmetic_task", help="module exporting TASK_SPEC")

@@ -39,7 +39,7 @@ from lib.feature_representation import Feature
 from lib.feature_split import make_test_split
 from lib.task_spec import TaskSpec
 
-__all__ = ["FeatureLedger", "load_stage1_table", "run_stage2"]
+__all__ = ["FeatureLedger", "load_stage1_table", "select_features", "run_stage2"]
 
 
 @dataclass
@@ -147,6 +147,35 @@ def _dedupe(features: list[Feature], ledger: FeatureLedger) -> list[Feature]:
     return out
 
 
+def select_features(X: np.ndarray, y: np.ndarray, train: np.ndarray, labels: list[str],
+                    args: argparse.Namespace) -> tuple[list[int], dict[int, str]]:
+    """Columns kept by the enabled filters, fitted on TRAIN rows only, and why each other one was dropped."""
+    keep = list(range(X.shape[1]))
+    reasons: dict[int, str] = {}
+
+    def apply(result: Any) -> None:
+        nonlocal keep
+        for j, reason in result.dropped.items():
+            reasons[keep[j]] = reason
+        keep = [keep[j] for j in result.kept]
+
+    Xt, yt = X[train], y[train]
+    apply(drop_constant(Xt[:, keep]))
+    if args.drop_high_mad_variance_features and keep:
+        apply(mad_high_variance_filter(Xt[:, keep], args.z_thresh))
+    if args.drop_low_predictive_power_features and keep:
+        sel = np.arange(len(yt))
+        if 0 < args.train_ratio < 1:
+            rs = np.random.default_rng(args.seed)
+            sel = np.sort(rs.choice(sel, size=max(2, int(round(args.train_ratio * len(sel)))), replace=False))
+        res, _ = predictive_power_filter(Xt[sel][:, keep], yt[sel], args.min_auc, args.min_delta,
+                                         args.min_ap_above_base)
+        apply(res)
+    if args.drop_near_duplicate_features and keep:
+        apply(near_duplicate_filter(Xt[:, keep], args.near_duplicate_features_threshold, [labels[j] for j in keep]))
+    return keep, reasons
+
+
 def run_stage2(task: TaskSpec, args: argparse.Namespace) -> Path:
     """Write scores.csv, features.json and feature_report.md into `args.features_scores_dir`."""
     from lib.feature_sandbox import FeatureSandbox
@@ -163,7 +192,9 @@ def run_stage2(task: TaskSpec, args: argparse.Namespace) -> Path:
     for f in seeds:
         ledger.add(f.label, "predefined", "scored")
 
-    with FeatureSandbox(timeout_s=args.feature_timeout) as sandbox:
+    # Limits are per feature over the whole table: scale them with its size.
+    cpu_s = args.feature_timeout * max(1.0, len(df) / 5000)
+    with FeatureSandbox(timeout_s=2 * cpu_s, cpu_s=cpu_s) as sandbox:
         seed_res = sandbox.evaluate(seeds, prompts, infos)
         for feat, reason in seed_res.rejected:
             ledger.set_status(feat.label, "dropped", f"sandbox: {reason}")
@@ -183,27 +214,9 @@ def run_stage2(task: TaskSpec, args: argparse.Namespace) -> Path:
     X = np.hstack(blocks) if blocks else np.zeros((len(df), 0))
     names = sanitize_column_names([f.label for f in features], reserved=[*df.columns, "is_test", "split"])
 
-    keep = list(range(X.shape[1]))
-
-    def apply(result: Any) -> None:
-        nonlocal keep
-        for j, reason in result.dropped.items():
-            ledger.set_status(features[keep[j]].label, "dropped", reason)
-        keep = [keep[j] for j in result.kept]
-
-    apply(drop_constant(X[train][:, keep]))
-    if args.drop_high_mad_variance_features and keep:
-        apply(mad_high_variance_filter(X[train][:, keep], args.z_thresh))
-    if args.drop_low_predictive_power_features and keep:
-        sel = np.flatnonzero(train)
-        if 0 < args.train_ratio < 1:
-            rs = np.random.default_rng(args.seed)
-            sel = np.sort(rs.choice(sel, size=max(2, int(round(args.train_ratio * len(sel)))), replace=False))
-        res, _ = predictive_power_filter(X[sel][:, keep], y[sel], args.min_auc, args.min_delta, args.min_ap_above_base)
-        apply(res)
-    if args.drop_near_duplicate_features and keep:
-        apply(near_duplicate_filter(X[train][:, keep], args.near_duplicate_features_threshold,
-                                    [features[j].label for j in keep]))
+    keep, reasons = select_features(X, y, train, [f.label for f in features], args)
+    for j, reason in reasons.items():
+        ledger.set_status(features[j].label, "dropped", reason)
     for j in keep:
         ledger.set_status(features[j].label, "kept")
 

@@ -100,7 +100,7 @@ def _auc(scores: np.ndarray, y: np.ndarray) -> float:
 
 
 def predictive_power_metrics(x: np.ndarray, y: np.ndarray) -> dict[str, float]:
-    """AUC, AP above base rate and standardised mean difference of one feature, on finite rows.
+    """AUC, AP (higher score = positive) above base rate and standardised mean difference, on finite rows.
 
     Unlike the original, class means skip missing values, and the AP and its base rate are
     computed on the same rows.
@@ -113,9 +113,7 @@ def predictive_power_metrics(x: np.ndarray, y: np.ndarray) -> dict[str, float]:
         return out
     auc = _auc(xs, ys)
     out["auc"], out["best_auc"] = auc, max(auc, 1 - auc)
-    ap_up = average_precision_score(ys, xs)
-    ap_down = average_precision_score(ys, -xs)
-    out["ap_above_base"] = float(max(ap_up, ap_down) - ys.mean())
+    out["ap_above_base"] = float(average_precision_score(ys, xs) - ys.mean())
     delta = xs[ys == 1].mean() - xs[ys == 0].mean()
     std = xs.std(ddof=1) if xs.size > 1 else 0.0
     out["delta_mean_std_units"] = float(abs(delta) / (abs(std) + 1e-8))

@@ -51,21 +51,23 @@ class LoadedModel:
     source: ModelSource
     tokenizer: Any
     hf_model: Any
-    bridge: Any
+    bridge: Any  # TransformerBridge, or None when loaded with with_bridge=False
     device: torch.device
     dtype: torch.dtype
 
     @property
     def n_layers(self) -> int:
-        return int(self.bridge.cfg.n_layers)
+        return int(self.hf_model.config.num_hidden_layers)
 
     @property
     def d_model(self) -> int:
-        return int(self.bridge.cfg.d_model)
+        return int(self.hf_model.config.hidden_size)
 
     @property
     def n_ctx(self) -> int:
-        n_ctx = getattr(self.bridge.cfg, "n_ctx", None) or getattr(self.tokenizer, "model_max_length", None)
+        cfg = self.bridge.cfg if self.bridge is not None else self.hf_model.config
+        n_ctx = (getattr(cfg, "n_ctx", None) or getattr(cfg, "max_position_embeddings", None)
+                 or getattr(self.tokenizer, "model_max_length", None))
         return int(n_ctx) if n_ctx and n_ctx < 10**7 else 2048
 
 
@@ -216,8 +218,13 @@ def load_analysed_model(
     device: str = "auto",
     dtype: str = "auto",
     ai_model_cache_dir: str | None = None,
+    with_bridge: bool = True,
 ) -> LoadedModel:
-    """Resolve, load and wrap the analysed model in a TransformerLens 4 TransformerBridge."""
+    """Resolve, load and wrap the analysed model in a TransformerLens 4 TransformerBridge.
+
+    `with_bridge=False` returns the plain HF model (bridge None, default sdpa attention): for
+    callers that only generate text, such as the `local:` feature-LLM backend.
+    """
     from transformer_lens.model_bridge import TransformerBridge
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -237,6 +244,8 @@ def load_analysed_model(
     _prepare_tokenizer(tok)
     model.eval()
     model.to(dev)
+    if not with_bridge:
+        return LoadedModel(ai_model, source, tok, model, None, dev, torch_dtype)
     try:
         with _quiet_loading():
             bridge = TransformerBridge.boot_transformers(

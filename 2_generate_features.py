@@ -25,6 +25,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="feature LLM: ollama:NAME, openai:NAME, groq:NAME, local:ALIAS, or a bare name routed "
                         f"as in the original (default: {DEFAULT_FEATURE_LLM}, runs offline)")
     p.add_argument("--temperature", "-T", type=float, default=0.3, help="sampling temperature")
+    p.add_argument("--max_tokens", type=int, default=0,
+                   help="reply length limit of the feature LLM (0 = backend default; local: 512)")
     p.add_argument("--n_features", "-n", type=int, default=16, help="features requested per round")
     p.add_argument("--feature_extraction_steps", "--rounds", "-R", type=int, default=10,
                    help="rounds that must each yield at least one valid feature")

@@ -114,7 +114,8 @@ def _propose_features(task: TaskSpec, args: argparse.Namespace, df: pd.DataFrame
         user = build_user_message(pos[: args.num_correct_example_prompts], neg[: args.num_incorrect_example_prompts],
                                   shown, args.n_features, task.TOKENS_DICT_KEYS)
         reply = instruct_model(args.ai_model, [(system, user)], temperature=args.temperature,
-                               cache_dir=args.cache_dir, seed=args.seed + attempts)[0]
+                               cache_dir=args.cache_dir, seed=args.seed + attempts,
+                               max_tokens=args.max_tokens or None)[0]
         cands, bad = parse_feature_reply(reply)
         for label, reason in bad:
             ledger.add(label, "llm", "dropped", reason, attempts)

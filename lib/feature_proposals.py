@@ -43,6 +43,9 @@ def build_user_message(positives: Sequence[str], negatives: Sequence[str], exist
         "Return a number (int, float or bool) or None. Use only `prompt` and `info`; `math` and `re` are",
         "available without import. No imports, no eval/exec/open, no file or network access, no",
         "attributes starting with an underscore. Keep each function under 25 lines and deterministic.",
+        "Example of one item (propose different ones):",
+        json.dumps([{"label": "Prompt length", "description": "Number of characters in the prompt.",
+                     "python_src": "def my_feature(prompt: str, info: dict):\n    return len(prompt)"}]),
     ]
     return "\n".join(lines)
 

@@ -26,6 +26,7 @@ request, default 600), MECHARULE_LOCAL_DEVICE (device of the `local` backend, de
 
 from __future__ import annotations
 
+import abc
 import logging
 import os
 import random
@@ -186,7 +187,7 @@ def _messages(system: str, user: str) -> list[dict[str, str]]:
     return msgs
 
 
-class _Backend:
+class _Backend(abc.ABC):
     name = "?"
     concurrent = False
     retry_empty = True  # ask once more after an empty reply
@@ -195,18 +196,20 @@ class _Backend:
         self.model = model
         self.options = self.make_options(temperature, seed, max_tokens)
 
+    @abc.abstractmethod
     def make_options(self, temperature: float, seed: int, max_tokens: int | None) -> dict[str, Any]:
-        raise NotImplementedError
+        """The request options this backend sends (also part of the cache key)."""
 
     def check_ready(self) -> None:
         """Raise BackendUnavailable before any request when the backend cannot work (keys, …)."""
 
+    @abc.abstractmethod
     def call(self, system: str, user: str) -> str | None:
         """One attempt; raise _Transient for retryable failures, BackendError otherwise."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def unavailable_message(self, attempts: int, last: _Transient) -> str:
-        raise NotImplementedError
+        """The one-line error after the last retry: which server, which variable to set."""
 
 
 class _OllamaBackend(_Backend):
@@ -264,11 +267,13 @@ class _OpenAICompatibleBackend(_Backend):
     key_env = "?"
     url_env = "?"
 
+    @abc.abstractmethod
     def _client_errors(self):
-        raise NotImplementedError
+        """(connection error class, HTTP status error class) of the official client."""
 
+    @abc.abstractmethod
     def _make_client(self):
-        raise NotImplementedError
+        """The official client, configured from the environment."""
 
     def check_ready(self) -> None:
         if not os.environ.get(self.key_env, "").strip():

@@ -153,7 +153,7 @@ def greedy_generate(
     """
     if batch_size < 1:
         raise ValueError("batch_size must be >= 1")
-    if max_new_tokens < 1:
+    if max_new_tokens < 1 or not prompts:
         return [""] * len(prompts)
     tok = model.tokenizer
     max_len = max(1, model.n_ctx - max_new_tokens)

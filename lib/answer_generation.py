@@ -134,8 +134,8 @@ def write_identity(pkl_path: str | Path, identity: dict) -> None:
     atomic_write_json(identity_sidecar_path(pkl_path), identity)
 
 
-def _check_reusable(pkl: Path, ai_model: str, task: Any) -> None:
-    """An existing cache made by another model or task is an error, not a silent reuse."""
+def _check_reusable(pkl: Path, ai_model: str, task: Any, args: argparse.Namespace) -> None:
+    """An existing cache made by another model, task or prompt set is an error, not a silent reuse."""
     side = identity_sidecar_path(pkl)
     if not side.exists():
         return  # archived artifact from the original tool: reuse as-is
@@ -143,11 +143,16 @@ def _check_reusable(pkl: Path, ai_model: str, task: Any) -> None:
         meta = json.loads(side.read_text(encoding="utf-8"))
     except (OSError, json.JSONDecodeError):
         return
-    for key, want in (("ai_model", ai_model), ("task", task.name)):
+    checks = [("ai_model", ai_model), ("task", task.name)]
+    if meta.get("prompts_sha256"):
+        prompts = [r["prompt"] for r in task.build_prompts(args, model_alias=ai_model)]
+        checks.append(("prompts_sha256", content_key(prompts)))
+    for key, want in checks:
         if meta.get(key) not in (None, want):
+            what = "another prompt set" if key == "prompts_sha256" else f"{key}={meta.get(key)!r}, not {want!r}"
             raise ArtifactError(
-                f"'{pkl}' was generated with {key}={meta.get(key)!r}, not {want!r}; pass --regenerate "
-                "to overwrite it or choose another --prompts_answers_pkl_file"
+                f"'{pkl}' was generated with {what}; pass --regenerate to overwrite it or choose another "
+                "--prompts_answers_pkl_file"
             )
 
 
@@ -160,7 +165,7 @@ def run_stage1(task: Any, args: argparse.Namespace) -> dict:
     ensure_writable_dir(pkl.parent, "folder of --prompts_answers_pkl_file")
     stats_dir = ensure_writable_dir(args.stats_json_out, "--stats_json_out folder") if args.stats_json_out else None
     if pkl.exists() and not args.regenerate:
-        _check_reusable(pkl, args.ai_model, task)
+        _check_reusable(pkl, args.ai_model, task, args)
         print(f"[stage1] reusing {pkl}", flush=True)
     else:
         from lib.model_resolution import resolve_model_source

@@ -186,6 +186,9 @@ def run_stage2(task: TaskSpec, args: argparse.Namespace) -> Path:
     df = load_stage1_table(task, args.prompts_answers_pkl_file, args.max_number_of_prompts_to_analyze, args.seed)
     target = task.DEFAULT_TARGETS[0]
     y = df[target].astype(bool).to_numpy()
+    if y.all() or not y.any():
+        print(f"[stage2] warning: target '{target}' has one class only ({int(y.sum())} of {len(y)} true); "
+              "features are scored but nothing can be learned from them", flush=True)
     prompts = df[task.DEFAULT_INPUT].astype(str).tolist()
     infos = [task.parse_prompt_row(row) for row in df.itertuples(index=False)]
     ledger = FeatureLedger()

@@ -142,3 +142,10 @@ def test_unwritable_output_folder_is_named(tmp_path):
     res = stage1(*base_args(pkl, 4))
     assert res.returncode == 2
     assert str(blocker / "sub") in res.stderr and "Traceback" not in res.stderr
+
+
+def test_reuse_with_another_prompt_set_is_refused(stage1_run):
+    _, pkl, _ = stage1_run
+    res = stage1(*base_args(pkl, 16))
+    assert res.returncode == 2
+    assert "another prompt set" in res.stderr and "--regenerate" in res.stderr

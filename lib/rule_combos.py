@@ -26,6 +26,7 @@ from typing import Any, Sequence
 import numpy as np
 import pandas as pd
 
+from lib.rule_metrics import binary_rule_metrics, mcc_from_counts, segmentation_stats
 from lib.text_and_rules import evaluate_many
 
 __all__ = [
@@ -33,11 +34,9 @@ __all__ = [
     "score_frozen_combo",
     "binary_event",
     "literal_masks",
-    "mcc_from_counts",
     "combo_expression",
 ]
 
-EPS = 1e-12
 GREEDY_SEED_METRICS = ("MCC",)
 
 
@@ -58,16 +57,6 @@ def binary_event(y: Any, tail_q: float = 0.9) -> tuple[np.ndarray, dict]:
     thr = float(np.quantile(yf, tail_q))
     return yf >= thr, {"problem": "regression", "target": "y_target_tail_event", "reg_tail_q": float(tail_q),
                        "reg_event_threshold": thr, "reg_event_direction": "top"}
-
-
-def mcc_from_counts(tp, fp, tn, fn, *, zero_den: float = 0.0) -> np.ndarray:
-    """Matthews correlation from integer counts (float64); `zero_den` where the denominator is 0."""
-    tp, fp, tn, fn = (np.asarray(v, dtype=np.float64) for v in (tp, fp, tn, fn))
-    den2 = (tp + fp) * (tp + fn) * (tn + fp) * (tn + fn)
-    num = tp * tn - fp * fn
-    with np.errstate(invalid="ignore", divide="ignore"):
-        out = num / (np.sqrt(den2) + EPS)
-    return np.where(den2 > 0, out, zero_den)
 
 
 def _literal_rows(rules_table: pd.DataFrame) -> pd.DataFrame:
@@ -92,54 +81,23 @@ def combo_expression(literals: Sequence[str]) -> str:
 
 
 def _metrics(fire: np.ndarray, yb: np.ndarray) -> dict[str, Any]:
-    """§8.4 signed-metric helper (positive sign), from integer counts."""
-    n = int(fire.size)
-    tp = int(np.count_nonzero(fire & yb))
-    fp = int(np.count_nonzero(fire & ~yb))
-    fn = int(np.count_nonzero(~fire & yb))
-    tn = n - tp - fp - fn
-    n_fire, n_pos, n_neg = tp + fp, tp + fn, tn + fp
-    prec = tp / n_fire if n_fire else math.nan
-    rec = tp / (n_pos + EPS) if n_pos else math.nan
-    f1 = 2 * prec * rec / (prec + rec + EPS) if not (math.isnan(prec) or math.isnan(rec)) else math.nan
-    base = n_pos / n if n else math.nan
-    lift = prec / (base + EPS) if not math.isnan(prec) else math.nan
-    tpr = tp / (n_pos + EPS) if n_pos else math.nan
-    tnr = tn / (n_neg + EPS) if n_neg else math.nan
-    bal = (tpr + tnr) / 2 if not (math.isnan(tpr) or math.isnan(tnr)) else math.nan
-    mcc = float(mcc_from_counts(tp, fp, tn, fn, zero_den=0.0))
+    """§8.4 metrics of one fire mask under the combo record's column names (see lib.rule_metrics)."""
+    m = binary_rule_metrics(fire, yb)
     return {
-        "dataset_coverage": n_fire / n if n else math.nan,
-        "P(target=1|fire)": prec, "R(fire|target=1)": rec, "F1(target=1|fire)": f1,
-        "Lift(target=1|fire)": lift, "Acc": (tp + tn) / n if n else math.nan,
-        "TPR": tpr, "TNR": tnr, "BalancedAcc": bal, "MCC": mcc,
-        "_counts": {"n_eval": n, "n_pos": n_pos, "n_neg": n_neg, "n_fire": n_fire,
-                    "tp": tp, "fp": fp, "tn": tn, "fn": fn},
+        "dataset_coverage": m["coverage"],
+        "P(target=1|fire)": m["precision"], "R(fire|target=1)": m["recall"], "F1(target=1|fire)": m["f1"],
+        "Lift(target=1|fire)": m["lift"], "Acc": m["accuracy"],
+        "TPR": m["tpr"], "TNR": m["tnr"], "BalancedAcc": m["balanced_accuracy"], "MCC": m["mcc"],
+        "_counts": {"n_eval": m["n"], "n_pos": m["n_pos"], "n_neg": m["n_neg"], "n_fire": m["n_fire"],
+                    "tp": m["tp"], "fp": m["fp"], "tn": m["tn"], "fn": m["fn"]},
     }
 
 
 def _segmentation(fire: np.ndarray, t: np.ndarray, tail_q: float) -> dict[str, float]:
-    """§8.3 statistics of a fire mask against a continuous target."""
-    t = np.asarray(t, dtype=np.float64)
-    p = float(fire.mean()) if fire.size else math.nan
-    n1, n0 = int(fire.sum()), int((~fire).sum())
-    mu1 = float(t[fire].mean()) if n1 else math.nan
-    mu0 = float(t[~fire].mean()) if n0 else math.nan
-    shift = mu1 - mu0
-    sd = float(t.std(ddof=1)) if t.size > 1 else math.nan
-    r_pb = shift * math.sqrt(p * (1 - p)) / (sd + EPS)
-    v1 = float(t[fire].var(ddof=1)) if n1 > 1 else 0.0
-    v0 = float(t[~fire].var(ddof=1)) if n0 > 1 else 0.0
-    pooled = ((n1 - 1) * v1 + (n0 - 1) * v0) / (n1 + n0 - 2) if n1 + n0 > 2 else math.nan
-    cohen = shift / (math.sqrt(pooled) + EPS) if not math.isnan(pooled) else math.nan
-    mse1 = float(((t[fire] - mu1) ** 2).mean()) if n1 else 0.0
-    mse0 = float(((t[~fire] - mu0) ** 2).mean()) if n0 else 0.0
-    r2 = 1 - (p * mse1 + (1 - p) * mse0) / (float(t.var()) + EPS)
-    ev = t >= np.quantile(t, tail_q)
-    m = _metrics(fire, ev)
-    return {"r_pb": r_pb, "cohen_d": cohen, "mean_shift": shift, "r2_seg": r2,
-            "prec_tail": m["P(target=1|fire)"], "rec_tail": m["R(fire|target=1)"],
-            "f1_tail": m["F1(target=1|fire)"], "lift_tail": m["Lift(target=1|fire)"]}
+    """§8.3 statistics of a fire mask against a continuous target (see lib.rule_metrics)."""
+    stats = segmentation_stats(fire, t, tail_q)
+    stats.pop("event_threshold", None)
+    return stats
 
 
 # --------------------------------------------------------------------------------------------
@@ -186,7 +144,7 @@ def find_best_or_combo(rules_table: pd.DataFrame, table: pd.DataFrame, y: Any, *
     n_neg = yb.size - n_pos
     tp = np.count_nonzero(F & yb[:, None], axis=0).astype(np.int64)
     fp = np.count_nonzero(F, axis=0).astype(np.int64) - tp
-    single = mcc_from_counts(tp, fp, n_neg - fp, n_pos - tp)  # +1e-12 form, 0 where den = 0
+    single = mcc_from_counts(tp, fp, n_neg - fp, n_pos - tp)  # 0 where the denominator is 0
     order = np.argsort(-single, kind="stable")        # screened order
 
     best_mcc, best_set, chosen = 0.0, [], "empty"

@@ -31,6 +31,7 @@ __all__ = [
     "binarize_target",
     "binary_rule_metrics",
     "binary_rule_metrics_matrix",
+    "mcc_from_counts",
     "segmentation_stats",
     "segmentation_stats_matrix",
 ]
@@ -56,6 +57,18 @@ def _as_matrix(fire: Any, n: int | None = None) -> np.ndarray:
     if n is not None and F.shape[0] != n:
         raise ValueError(f"fire masks have {F.shape[0]} rows but the target has {n}")
     return F
+
+
+def mcc_from_counts(tp: Any, fp: Any, tn: Any, fn: Any, *, zero_den: float = 0.0) -> np.ndarray:
+    """Matthews correlation from confusion counts (float64); `zero_den` where the denominator is 0.
+
+    The one MCC definition of the project: rule tables, screening and combo selection all use it.
+    """
+    tp, fp, tn, fn = (np.asarray(v, dtype=np.float64) for v in (tp, fp, tn, fn))
+    den2 = (tp + fp) * (tp + fn) * (tn + fp) * (tn + fn)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        out = (tp * tn - fp * fn) / np.sqrt(np.where(den2 > 0, den2, 1.0))
+    return np.where(den2 > 0, out, zero_den)
 
 
 def binary_rule_metrics_matrix(fire: Any, y: Any) -> dict[str, np.ndarray]:
@@ -87,8 +100,7 @@ def binary_rule_metrics_matrix(fire: Any, y: Any) -> dict[str, np.ndarray]:
         lift = precision / (base + EPS)
         accuracy = (tpf + tnf) / n if n else np.full(k, np.nan)
         balanced = (tpr + tnr) / 2.0
-        denom = (tpf + fpf) * (tpf + fnf) * (tnf + fpf) * (tnf + fnf)
-        mcc = np.where(denom > 0, (tpf * tnf - fpf * fnf) / np.sqrt(np.where(denom > 0, denom, 1.0)), 0.0)
+        mcc = mcc_from_counts(tpf, fpf, tnf, fnf)
         coverage = nf / n if n else np.full(k, np.nan)
     return {
         "coverage": coverage,

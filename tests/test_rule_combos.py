@@ -8,7 +8,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from lib.rule_combos import combo_expression, find_best_or_combo, mcc_from_counts, score_frozen_combo
+from lib.rule_combos import combo_expression, find_best_or_combo, score_frozen_combo
+from lib.rule_metrics import mcc_from_counts
 
 
 def rules(*texts: str, negated: tuple[bool, ...] | None = None) -> pd.DataFrame:

@@ -531,6 +531,16 @@ def _flag_seed(label: str, fn: str, key: str, description: str) -> Feature:
     return _seed(label, description, src)
 
 
+def _value_seed(label: str, fn: str, key: str, description: str) -> Feature:
+    """A seed returning the numeric `info[key]` (None when absent)."""
+    src = (
+        f"def {fn}(prompt, info):\n"
+        f"    value = info.get({key!r})\n"
+        f"    return None if value is None else float(value)\n"
+    )
+    return _seed(label, description, src)
+
+
 def _heuristic_seed(label: str, fn: str, name: str) -> Feature:
     src = (
         f"def {fn}(prompt, info):\n"
@@ -541,23 +551,15 @@ def _heuristic_seed(label: str, fn: str, name: str) -> Feature:
 
 def _build_seed_features() -> list[Feature]:
     return [
-        _seed("Lexical overlap ratio",
-              "Share of the hypothesis's distinct content words (articles removed) that also occur in the premise.",
-              "def lexical_overlap_ratio(prompt, info):\n"
-              "    value = info.get('lexical_overlap_ratio')\n"
-              "    return None if value is None else float(value)\n"),
+        _value_seed("Lexical overlap ratio", "lexical_overlap_ratio", "lexical_overlap_ratio",
+                    "Share of the hypothesis's distinct content words (articles removed) that also occur in the premise."),
         _flag_seed("Full lexical overlap", "full_lexical_overlap", "full_lexical_overlap",
                    "1 if every content word of the hypothesis occurs in the premise, else 0."),
         _flag_seed("Hypothesis is subsequence", "hypothesis_is_subsequence", "hypothesis_is_subsequence",
                    "1 if the hypothesis words appear in the premise in the same order (gaps allowed), else 0."),
-        _seed("Premise length", "Number of word tokens in the premise.",
-              "def premise_length(prompt, info):\n"
-              "    value = info.get('premise_num_words')\n"
-              "    return None if value is None else float(value)\n"),
-        _seed("Hypothesis length", "Number of word tokens in the hypothesis.",
-              "def hypothesis_length(prompt, info):\n"
-              "    value = info.get('hypothesis_num_words')\n"
-              "    return None if value is None else float(value)\n"),
+        _value_seed("Premise length", "premise_length", "premise_num_words", "Number of word tokens in the premise."),
+        _value_seed("Hypothesis length", "hypothesis_length", "hypothesis_num_words",
+                    "Number of word tokens in the hypothesis."),
         _seed("Hypothesis shorter than premise",
               "1 if the hypothesis has fewer word tokens than the premise, else 0.",
               "def hypothesis_shorter_than_premise(prompt, info):\n"

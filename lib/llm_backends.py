@@ -203,6 +203,9 @@ class _Backend(abc.ABC):
     def check_ready(self) -> None:
         """Raise BackendUnavailable before any request when the backend cannot work (keys, …)."""
 
+    def configure_extras(self, reasoning_effort: str | None, choices: Sequence[str] | None) -> None:
+        """Add the optional judge settings this backend understands to its options (default: none)."""
+
     @abc.abstractmethod
     def call(self, system: str, user: str) -> str | None:
         """One attempt; raise _Transient for retryable failures, BackendError otherwise."""
@@ -331,6 +334,11 @@ class _OpenAIBackend(_OpenAICompatibleBackend):
                 opts["max_tokens"] = int(max_tokens)
         return opts
 
+    def configure_extras(self, reasoning_effort: str | None, choices: Sequence[str] | None) -> None:
+        """Forward `reasoning_effort` to o-series/gpt-5 models (others reject it)."""
+        if reasoning_effort and is_openai_reasoning_model(self.model):
+            self.options["reasoning_effort"] = str(reasoning_effort)
+
     def _client_errors(self):
         import openai
 
@@ -356,6 +364,11 @@ class _GroqBackend(_OpenAICompatibleBackend):
             "seed": int(seed),
             "max_completion_tokens": int(max_tokens) if max_tokens else 4096,
         }
+
+    def configure_extras(self, reasoning_effort: str | None, choices: Sequence[str] | None) -> None:
+        """Forward `reasoning_effort` (`none` turns qwen3's thinking off, as the BON judge needs)."""
+        if reasoning_effort:
+            self.options["reasoning_effort"] = str(reasoning_effort)
 
     def _client_errors(self):
         import groq
@@ -455,9 +468,34 @@ class _LocalBackend(_Backend):
             "seed": int(seed),
         }
 
+    def configure_extras(self, reasoning_effort: str | None, choices: Sequence[str] | None) -> None:
+        """With `choices`, the reply is the most likely choice (a small model rarely obeys a format)."""
+        if choices:
+            self.options["choices"] = [str(c) for c in choices]
+
     def check_ready(self) -> None:
         self.loaded = _get_local_model(self.model)
         self.url = "in-process"
+
+    def _pick_choice(self, input_ids: Any, choices: Sequence[str]) -> str:
+        """The choice whose tokens have the highest summed log-probability after the prompt."""
+        import torch
+
+        tok, hf = self.loaded.tokenizer, self.loaded.hf_model
+        best, best_score = choices[0], float("-inf")
+        with torch.inference_mode():
+            last = torch.log_softmax(hf(input_ids=input_ids).logits[0, -1].float(), -1)
+        for choice in choices:
+            ids = tok(choice, add_special_tokens=False, return_tensors="pt")["input_ids"].to(input_ids.device)
+            if ids.shape[1] == 1:  # one token: the prompt's last logits suffice
+                score = float(last[ids[0, 0]])
+            else:
+                with torch.inference_mode():
+                    logits = hf(input_ids=torch.cat([input_ids, ids], dim=1)).logits[0, input_ids.shape[1] - 1:-1]
+                score = float(torch.log_softmax(logits.float(), -1).gather(1, ids[0][:, None]).sum())
+            if score > best_score:
+                best, best_score = choice, score
+        return best
 
     def call(self, system: str, user: str) -> str | None:
         import torch
@@ -475,6 +513,9 @@ class _LocalBackend(_Backend):
         input_ids = enc["input_ids"].to(device)
         attention = enc.get("attention_mask")
         attention = attention.to(device) if attention is not None else torch.ones_like(input_ids)
+        if opts.get("choices"):
+            with _LOCAL_LOCK:
+                return self._pick_choice(input_ids, opts["choices"])
         stop_ids = _stop_token_ids(tok, hf)
         cfg_kwargs: dict[str, Any] = dict(
             max_new_tokens=max_new, do_sample=opts["do_sample"],
@@ -563,6 +604,8 @@ def instruct_model(
     seed: int = 42,
     max_tokens: int | None = None,
     progress: bool = False,
+    reasoning_effort: str | None = None,
+    choices: Sequence[str] | None = None,
 ) -> list[str | None]:
     """Answer (system, user) chat requests with `model`; one reply per request, in order.
 
@@ -570,6 +613,8 @@ def instruct_model(
     request options, so identical requests (within a call or across runs) are sent once.
     A reply is `None` only when the backend answered nothing (also after one retry); `None` is
     not cached. Raises `BackendUnavailable` / `BackendError` (both `LLMBackendError`).
+    `reasoning_effort` is forwarded to Groq (and OpenAI reasoning models); `choices` makes the
+    `local` backend reply with the most likely of these strings (other backends reply freely).
     """
     reqs = _validate_requests(requests)
     if temperature is None or float(temperature) < 0:
@@ -578,6 +623,9 @@ def instruct_model(
         raise ValueError(f"max_tokens must be positive or None, got {max_tokens!r}")
     backend_name, name = resolve_backend(model)
     backend = _BACKEND_CLASSES[backend_name](name, float(temperature), int(seed), max_tokens)
+    if isinstance(choices, str) or (choices is not None and not all(isinstance(c, str) and c for c in choices)):
+        raise TypeError(f"choices must be a sequence of non-empty strings, got {choices!r:.120}")
+    backend.configure_extras(reasoning_effort, choices)
     if not reqs:
         return []
 

@@ -202,14 +202,16 @@ class Stage6:
         counter = {"evaluations": 0}
         tester = self._tester(prepared, rows, n_a, counter)
         t0 = time.perf_counter()
+        retrial = self._catastrophic_retrials(c) if a.exclude_known_agonists and a.fast_ablation else {}
+        records = run_exhaustive(retrial, tester, a.prune_alpha, self.regime) if retrial else []
         if not units:
-            records: list[dict] = []
+            pass
         elif a.fast_ablation:
             scores = c.scores if a.sign_split_first else None
-            records = run_cha(units, tester, a.search_epsilon, a.prune_alpha, self.regime, rng, scores,
-                              a.sign_split_first)
+            records += run_cha(units, tester, a.search_epsilon, a.prune_alpha, self.regime, rng, scores,
+                               a.sign_split_first)
         else:
-            records = run_exhaustive(units, tester, a.prune_alpha, self.regime)
+            records += run_exhaustive(units, tester, a.prune_alpha, self.regime)
         elapsed = time.perf_counter() - t0
         n_candidates = sum(len(v) for v in units.values())
         base_acc = 1.0 if want else 0.0
@@ -225,6 +227,15 @@ class Stage6:
                "ablations": records, "cost": {**cost_block(records, n_candidates, a.search_epsilon),
                                               "wall_seconds": round(elapsed, 2)},
                "agonist_activation_stats": None, "agonist_margin_stats": None, "agonist_saliency_stats": None}
+        return out
+
+    def _catastrophic_retrials(self, c: Circuit) -> dict[int, list[int]]:
+        """Units of this circuit that are catastrophic candidates: each is tried alone again (spec §5.2.1)."""
+        out: dict[int, list[int]] = {}
+        for L, ids in c.units.items():
+            again = [i for i in ids if unit_key(f"m{L}", i) in self.buckets.candidates]
+            if again:
+                out[L] = again
         return out
 
     def _tester(self, prepared: PreparedPrompts, rows: list[dict], n_a: int, counter: dict) -> Callable:

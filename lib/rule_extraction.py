@@ -449,12 +449,34 @@ def run_stage3(args: argparse.Namespace, echo: Callable[[str], None] = print) ->
              "no held-out (test) scope exists")
         train, test = df, None
 
-    for t in targets:
-        vals = train[t].dropna().unique()
-        if len(vals) < 2:
-            raise ArtifactError(f"target '{t}' has a single class ({vals[0] if len(vals) else 'no values'}) "
-                                "on the train rows; nothing to explain")
-
+    constant = {t: train[t].dropna().unique() for t in targets}
+    constant = {t: v for t, v in constant.items() if len(v) < 2}
+    results: dict[str, dict] = {}
+    for t, vals in constant.items():
+        reason = (f"target '{t}' has a single class ({vals[0] if len(vals) else 'no values'}) on the train rows: "
+                  "the model behaves the same on every prompt, so there is nothing to explain or localise")
+        echo(f"[stage3] warning: {reason}; writing empty rule files")
+        write_empty_rule_files(rules_dir, t, reason)
+        results[t] = {"status": "single_class", "reason": reason}
+    targets = [t for t in targets if t not in constant]
+    if not targets:
+        return results
     echo(f"[stage3] {len(features)} features, {len(train)} train rows"
          + (f", {len(test)} held-out test rows" if test is not None else "") + f"; targets {targets}")
-    return run_rule_extraction(train, features, targets, args, eval_df=test, rules_dir=rules_dir, echo=echo)
+    results.update(run_rule_extraction(train, features, targets, args, eval_df=test, rules_dir=rules_dir, echo=echo))
+    return results
+
+
+EMPTY_RULE_COLUMNS = ("rule_index", "is_negated", "rule_expression", "component_type", "dataset_coverage",
+                      "coefficient_sign")
+
+
+def write_empty_rule_files(rules_dir: Path, target: str, reason: str) -> None:
+    """Header-only rule files and a note for a target that cannot be explained (one class):
+    later stages then see zero rules instead of a missing file."""
+    from lib.caching_and_prompting import atomic_write_json
+
+    empty = pd.DataFrame(columns=list(EMPTY_RULE_COLUMNS))
+    for name in (f"association_rules_{target}.csv", f"optimal_rule_set_{target}.csv"):
+        write_csv_atomic(empty, rules_dir / name)
+    atomic_write_json(rules_dir / f"rule_extraction_skipped_{target}.json", {"target": target, "reason": reason})

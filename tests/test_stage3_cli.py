@@ -179,8 +179,14 @@ def test_single_class_target_on_train_rows(tmp_path):
     df = pd.read_csv(d / "scores.csv")
     df["is_correct"] = True
     df.to_csv(d / "scores.csv", index=False)
-    _one_error_line(stage3("--features_scores_dir", str(d), "--rules_dir", str(tmp_path / "r")),
-                    "is_correct", "single class")
+    out = tmp_path / "r"
+    res = stage3("--features_scores_dir", str(d), "--rules_dir", str(out))
+    assert res.returncode == 0, res.stderr
+    assert "single class" in res.stdout
+    from lib.text_and_rules import load_rules
+
+    assert len(load_rules(out / "optimal_rule_set_is_correct.csv")) == 0
+    assert "single class" in json.loads((out / "rule_extraction_skipped_is_correct.json").read_text())["reason"]
 
 
 def test_string_feature_column_is_named(tmp_path):

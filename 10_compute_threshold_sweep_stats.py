@@ -43,7 +43,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from lib.paper_tables import SweepStatsOptions, threshold_sweep_stats
+    from lib.threshold_sweep_stats import SweepStatsOptions, threshold_sweep_stats
 
     csv = Path(args.csv)
     if not csv.is_file():

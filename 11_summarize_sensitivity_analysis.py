@@ -33,8 +33,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from lib.paper_tables import SensitivityOptions, summarize_sensitivity
     from lib.result_loading import expand_score_scopes
+    from lib.sensitivity_summary import SensitivityOptions, summarize_sensitivity
 
     if not Path(args.stats_root).is_dir():
         raise UsageError(f"--stats_root '{args.stats_root}' is not a folder")

@@ -29,7 +29,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from lib.paper_tables import compare_models
+    from lib.model_comparison import compare_models
 
     if not Path(args.task_dir).is_dir():
         raise UsageError(f"--task_dir '{args.task_dir}' is not a folder")

@@ -33,8 +33,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    from lib.artifact_check import check_artifacts
     from lib.caching_and_prompting import atomic_write_json
-    from lib.paper_tables import check_artifacts
     from lib.run_layout import CANONICAL_ROLES
 
     roles = [r.strip() for r in args.runs.split(",") if r.strip()]

@@ -33,7 +33,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from lib.caching_and_prompting import atomic_path, atomic_write_json
-    from lib.paper_tables import plan_export
+    from lib.results_export import plan_export
 
     data = Path(args.data_dir)
     if not data.is_dir():

@@ -8,7 +8,6 @@ import sys
 import pandas as pd
 import pytest
 
-from lib.paper_tables import holm, sign_test_p, signflip_test
 from tests.synthetic_artifacts import EXPECTED, build_tree
 
 
@@ -94,11 +93,3 @@ def test_bad_flag_is_one_error_line(tmp_path, repo_root):
     res = subprocess.run([sys.executable, "make_paper_tables.py", "--data_root", str(tmp_path), "--which", "table7"],
                          cwd=repo_root, capture_output=True, text=True)
     assert res.returncode == 2 and "table7" in res.stderr and len(res.stderr.strip().splitlines()) == 1
-
-
-def test_statistics_helpers():
-    assert holm([0.01, 0.04, 0.03]) == pytest.approx([0.03, 0.06, 0.06])
-    p, n, pos, neg = sign_test_p([1, 2, -1, 0, 3])
-    assert (n, pos, neg) == (4, 3, 1) and p == pytest.approx(5 / 16)
-    p_flip, mode = signflip_test([1.0, 2.0, 3.0])
-    assert mode == "exact" and p_flip == pytest.approx(1 / 8)

@@ -4,56 +4,18 @@ exhaustive cost, and the CLI writes the spec's files, resumes, and rejects bad i
 from __future__ import annotations
 
 import json
-from contextlib import contextmanager
 
 import numpy as np
 import pandas as pd
 import pytest
-import torch
 
 from lib.ablation_engine import AblationEngine, ReplacementValues
 from lib.cha_search import run_cha, run_exhaustive
 from lib.tasks.arithmetic_task import TASK_SPEC as ARITH
 from tests.conftest import SMOLLM2
+from tests.planted import PLANTED, planted_model
 
 FEW_SHOT = "3+5=8\n9-4=5\n6*7=42\n8/2=4\n"
-PLANTED = {10: [33, 201], 20: [77]}
-BIG = 1000.0
-
-
-@contextmanager
-def planted_model(model):
-    """Make ablating any planted `hook_mlp_out` coordinate break the model, and nothing else change.
-
-    Each planted MLP write gets +BIG; right after the block the residual is checked: if every
-    planted write still carries its +BIG it is removed again (the model is unchanged), otherwise
-    the residual of that position is zeroed (the answer is destroyed)."""
-    bridge = model.bridge
-    stash: dict[int, torch.Tensor] = {}
-    for layer, ids in PLANTED.items():
-        def add(act, hook=None, ids=ids):
-            act = act.clone()
-            act[..., ids] += BIG
-            return act
-
-        def keep_mid(act, hook=None, layer=layer):
-            stash[layer] = act.detach().clone()
-            return act
-
-        def check(act, hook=None, layer=layer, ids=ids):
-            written = act[..., ids] - stash[layer][..., ids]
-            broken = (written < BIG / 2).any(-1, keepdim=True)
-            fixed = act.clone()
-            fixed[..., ids] -= BIG
-            return torch.where(broken, torch.zeros_like(act), fixed)
-
-        bridge.add_hook(f"blocks.{layer}.hook_mlp_out", add, is_permanent=True)
-        bridge.add_hook(f"blocks.{layer}.hook_resid_mid", keep_mid, is_permanent=True)
-        bridge.add_hook(f"blocks.{layer}.hook_resid_post", check, is_permanent=True)
-    try:
-        yield model
-    finally:
-        bridge.reset_hooks(including_permanent=True)
 
 
 @pytest.fixture(scope="module")

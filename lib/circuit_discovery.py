@@ -386,6 +386,9 @@ def _run_job(ctx: _Context, job: Job, root: Path) -> dict:
     """Attribute, select, evaluate and write one rule; returns its manifest entry."""
     cfg = ctx.cfg
     mask = rule_mask(ctx.table.df, job.rule, job.coefficient_sign)
+    planned_skip = ctx.plan.skip_reason(job.target, job.rule_id) if cfg.sampling_strategy == "plan" else None
+    if planned_skip:
+        return _write_skip(job, planned_skip, int(mask.sum()), int((~mask).sum()))
     pairs = _rule_pairs(ctx, job, mask)
     if pairs is None:
         n_pos, n_neg = int((mask & ctx.usable).sum()), int((~mask & ctx.usable).sum())

@@ -109,6 +109,9 @@ class Stage6:
         """Associated/unrelated indices for a circuit, or the reason it must be skipped."""
         a = self.args
         if self.plan is not None:
+            skipped = self.plan.skip_reason(c.target, c.circuit_id)
+            if skipped:
+                return skipped
             entry = self.plan.entry(c.target, c.circuit_id)
             assoc_pool, unrel_pool, strategy = list(entry["associated_indices"]), list(entry["unrelated_indices"]), "plan"
             unrel_pool = list(dict.fromkeys(unrel_pool))
@@ -171,6 +174,8 @@ class Stage6:
                       else "No usable units found for this circuit.")
             return self._skip(base, reason, 0, 0)
         s = self.sample(c, rng)
+        if isinstance(s, str):
+            return self._skip(base, s, 0, 0)
         base.update(n_associated_positive=s.n_assoc_avail, n_unrelated_positive=s.n_unrel_avail,
                     n_associated_available=s.n_assoc_avail, n_unrelated_available=s.n_unrel_avail)
         if not s.assoc:

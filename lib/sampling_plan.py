@@ -251,6 +251,13 @@ class SamplingPlan:
         """(rule_target, rule_id) of the entries in file order (only `ok` ones if asked)."""
         return [k for k, e in self.entries.items() if not only_ok or e.get("status") == "ok"]
 
+    def skip_reason(self, rule_target: str, rule_id: int) -> str | None:
+        """Stage 4's reason when it skipped this rule (a skip for the caller to record), else None."""
+        e = self.entries.get((str(rule_target), int(rule_id)))
+        if e is None or e.get("status") == "ok":
+            return None
+        return f"skipped by the sampling plan: {e.get('reason', 'no reason recorded')}"
+
     def entry(self, rule_target: str, rule_id: int) -> PlanEntry:
         """The ok entry of a rule; a missing or skipped entry is a PlanError for the caller to handle."""
         key = (str(rule_target), int(rule_id))

@@ -73,5 +73,8 @@ def test_plan_pairs_use_the_entry_and_never_fall_back(tmp_path):
         plan_pairs(plan, "is_correct", 1, mask, usable)
     with pytest.raises(PlanError, match="no entry"):
         plan_pairs(plan, "is_correct", 9, mask, usable)
+    # stages 5 and 6 record a rule stage 4 skipped as a skip (with stage 4's reason), not an error
+    assert "Too few datapoints" in plan.skip_reason("is_correct", 1)
+    assert plan.skip_reason("is_correct", 0) is None and plan.skip_reason("is_correct", 9) is None
     with pytest.raises(PlanError, match="6 rows"):
         load_sampling_plan(path, 7)

@@ -359,6 +359,22 @@ if wants 3; then
   fi
 fi
 
+# A one-class target (stage 3 then writes header-only rule files) leaves nothing to localise.
+if [ "$DRY_RUN" = 0 ] && [ "$TO_STAGE" -ge 4 ] && [ -d "$RULES_DIR" ]; then
+  n_rules=0
+  for f in "$RULES_DIR"/optimal_rule_set_*.csv; do
+    [ -e "$f" ] || continue
+    case "$(basename "$f")" in optimal_rule_set_test_selected_*|optimal_rule_set_all_fit_*) continue;; esac
+    if [ "$FAKE" = 1 ]; then case "$f" in *_fake.csv) ;; *) continue;; esac
+    else case "$f" in *_fake.csv) continue;; esac; fi
+    n_rules=$((n_rules + $(tail -n +2 "$f" | grep -c . || true)))
+  done
+  if [ "$n_rules" = 0 ]; then
+    echo "stage 3 found no rule to localise (see $RULES_DIR/rule_extraction_skipped_*.json); stopping after stage 3" >&2
+    TO_STAGE=3
+  fi
+fi
+
 # Stage 4: spectral sampling plans (discovery plan and/or one anchoring plan per regime).
 FAKE_FLAG=(); [ "$FAKE" = 0 ] || FAKE_FLAG=(--fake_targets)
 STAGE4_COMMON=(--features_scores_dir "$FEATURES_DIR" --rules_dir "$RULES_DIR" --rules_glob optimal_rule_set

@@ -19,7 +19,7 @@ import zipfile
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Sequence
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 import pandas as pd
@@ -547,31 +547,27 @@ class BaselineResults:
         """τ-agonists of this regime (empty frame when no bucket file)."""
         return agonist_table(self.buckets or {}, tau)
 
-    def evaluations_by_circuit(self, circuit_ids: Iterable[str] | None = None) -> dict[str, int]:
-        """{circuit id: group evaluations} of ok circuits, optionally restricted to `circuit_ids`."""
+    def _per_circuit(self, value: Callable[[dict, dict | None], int | None], circuit_ids: Iterable[str] | None,
+                     add: bool) -> dict[str, int]:
+        """{circuit id: value} over ok circuits (optionally restricted); repeated ids summed when `add`."""
         keep = None if circuit_ids is None else {str(c) for c in circuit_ids}
         out: dict[str, int] = {}
         for s in self.ok_summaries():
             cid = _circuit_id(s)
             if keep is not None and cid not in keep:
                 continue
-            n = circuit_evaluations(s, self.details.get(cid))
+            n = value(s, self.details.get(cid))
             if n is not None:
-                out[cid] = out.get(cid, 0) + n
+                out[cid] = out.get(cid, 0) + n if add else n
         return dict(sorted(out.items()))
+
+    def evaluations_by_circuit(self, circuit_ids: Iterable[str] | None = None) -> dict[str, int]:
+        """{circuit id: group evaluations} of ok circuits, optionally restricted to `circuit_ids`."""
+        return self._per_circuit(circuit_evaluations, circuit_ids, add=True)
 
     def candidates_by_circuit(self, circuit_ids: Iterable[str] | None = None) -> dict[str, int]:
         """{circuit id: N} of ok circuits that record their candidate count."""
-        keep = None if circuit_ids is None else {str(c) for c in circuit_ids}
-        out: dict[str, int] = {}
-        for s in self.ok_summaries():
-            cid = _circuit_id(s)
-            if keep is not None and cid not in keep:
-                continue
-            n = circuit_candidates(s, self.details.get(cid))
-            if n is not None:
-                out[cid] = n
-        return dict(sorted(out.items()))
+        return self._per_circuit(circuit_candidates, circuit_ids, add=False)
 
     def tree_budget(self, circuit_id: str) -> int | None:
         """Σ_layers (2·N_l − 1) of a circuit from its depth-0 records; else 2·N − 1 from `n_candidates`."""

@@ -9,6 +9,13 @@ set, without hooks; that KV cache is shared read-only by every group test. The l
 position (step 0) and every decode step (step t) run with the intervention. Full-sequence mode
 re-prefills every prompt with the intervention on all real positions. Finished rows leave the
 batch at once (their cache rows are dropped), so the cost of a step follows the live rows.
+
+Layer skipping (decode-only, on by default): an intervention at layers >= L cannot change what
+layers < L compute, which depends only on the tokens fed so far. So rows are grouped into
+*classes* of equal (prompt, generated tokens): layers < L run once per class, and only layers
+>= L run once per row, starting from the class's residual stream. Classes split when their rows
+generate different tokens. The answers are those of the full forward pass; the compute of the
+skipped layers is saved for every row that shares its class with others.
 """
 
 from __future__ import annotations
@@ -115,12 +122,50 @@ class PreparedPrompts:
     chunks: list[_Chunk] = field(default_factory=list)
 
 
-def _select_cache_rows(cache: object, rows: torch.Tensor) -> object:
-    """A new cache holding `rows` of `cache` (rows may repeat); `cache` itself is not modified."""
+def _select_cache_rows(cache: object, rows: torch.Tensor, layers: range | None = None) -> object:
+    """A new cache holding `rows` of `cache` (rows may repeat); `cache` itself is not modified.
+
+    With `layers`, only those layers are copied and selected; every other slot of the new cache
+    refers to the first selected layer, so that sequence-length queries (masks) stay right."""
     new = copy.copy(cache)
-    new.layers = [copy.copy(layer) for layer in cache.layers]  # type: ignore[attr-defined]
-    new.batch_select_indices(rows)  # type: ignore[attr-defined]
+    chosen = range(len(cache.layers)) if layers is None else layers  # type: ignore[attr-defined]
+    own = {i: copy.copy(cache.layers[i]) for i in chosen}  # type: ignore[attr-defined]
+    for layer in own.values():
+        layer.batch_select_indices(rows)
+    first = own[chosen[0]]
+    new.layers = [own.get(i, first) for i in range(len(cache.layers))]  # type: ignore[attr-defined]
     return new
+
+
+def _select_layer_rows(cache: object, rows: torch.Tensor, layers: range) -> None:
+    """Keep `rows` of `cache` in the given layers only (in place)."""
+    for i in layers:
+        cache.layers[i].batch_select_indices(rows)  # type: ignore[attr-defined]
+
+
+class _Passthrough(torch.nn.Module):
+    """Stands in for a decoder layer that must not run: returns the residual stream unchanged."""
+
+    def forward(self, hidden_states: torch.Tensor, *args: object, **kwargs: object) -> torch.Tensor:
+        return hidden_states
+
+
+class _SkippedLayers:
+    """Context manager: the decoder layers `skip` are pass-throughs while it is open."""
+
+    def __init__(self, layers: torch.nn.ModuleList, skip: range) -> None:
+        self.layers, self.skip = layers, skip
+        self.saved: dict[int, torch.nn.Module] = {}
+
+    def __enter__(self) -> "_SkippedLayers":
+        for i in self.skip:
+            self.saved[i] = self.layers[i]
+            self.layers[i] = _Passthrough()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for i, module in self.saved.items():
+            self.layers[i] = module
 
 
 class _BatchIntervention:
@@ -152,11 +197,20 @@ class _BatchIntervention:
         return hook
 
 
+def _decoder_layers(model: LoadedModel) -> torch.nn.ModuleList | None:
+    """The HF decoder's layer list when it has one entry per layer (else layer skipping is off)."""
+    try:
+        layers = model.hf_model.get_decoder().layers
+    except (AttributeError, ValueError):
+        return None
+    return layers if isinstance(layers, torch.nn.ModuleList) and len(layers) == model.n_layers else None
+
+
 class AblationEngine:
     """Greedy answers of prompts under many interventions, packed into full batches."""
 
     def __init__(self, model: LoadedModel, max_new_tokens: int, batch_size: int = 64,
-                 stop_strings: Sequence[str] = (), decode_only: bool = True) -> None:
+                 stop_strings: Sequence[str] = (), decode_only: bool = True, layer_skip: bool = True) -> None:
         if batch_size < 1:
             raise ValueError("batch_size must be >= 1")
         if max_new_tokens < 1:
@@ -170,6 +224,7 @@ class AblationEngine:
         tok = model.tokenizer
         self.pad_id = tok.pad_token_id if tok.pad_token_id is not None else int(self.eos[0])
         self.n_forward_rows = 0  # rows × calls, for throughput reports
+        self.decoder_layers = _decoder_layers(model) if layer_skip and decode_only else None
 
     # ---- prompt preparation ------------------------------------------------------------------
     @torch.inference_mode()
@@ -230,10 +285,12 @@ class AblationEngine:
         total = len(norm) * len(prepared.prompts)
         bar = tqdm(total=total, desc=progress if isinstance(progress, str) else "group tests",
                    unit="gen", disable=not progress or total == 0, dynamic_ncols=True)
+        # Packs of groups with nearby lowest layers let layer skipping skip more.
+        order = sorted(range(len(norm)), key=lambda g: min(norm[g], default=-1))
         for chunk in prepared.chunks:
             per_batch = max(1, self.batch_size // len(chunk.index))
             for start in range(0, len(norm), per_batch):
-                pack = list(range(start, min(len(norm), start + per_batch)))
+                pack = order[start:start + per_batch]
                 texts = self._run_pack(chunk, [norm[g] for g in pack], repl)
                 for k, g in enumerate(pack):
                     for j, i in enumerate(chunk.index):
@@ -270,6 +327,10 @@ class AblationEngine:
 
         `recorder(layer, act, live_rows, step_index, real)` observes unablated activations of
         every hooked call (used to estimate mean replacement values)."""
+        first = min((L for g in groups for L in g), default=0)
+        if (recorder is None and self.decoder_layers is not None and first > 0
+                and chunk.cache is not None and chunk.cache.get_seq_length() > 0):
+            return self._run_pack_skipping(chunk, groups, repl, first)
         P, G = len(chunk.index), len(groups)
         R = G * P
         dev = self.model.device
@@ -295,7 +356,6 @@ class AblationEngine:
         live = torch.arange(R, device=dev)
         generated = torch.full((R, self.max_new_tokens), self.pad_id, dtype=torch.long, device=dev)
         n_done = torch.zeros(R, dtype=torch.long, device=dev)  # tokens written per row
-        tok = self.model.tokenizer
         for step in range(self.max_new_tokens):
             if inter is not None:
                 inter.set_state(None if len(live) == R else live, step_index)
@@ -309,14 +369,7 @@ class AblationEngine:
                 logits = self.model.bridge(ids, **kwargs)
             self.n_forward_rows += len(live)
             nxt = logits[:, -1, :].argmax(dim=-1)
-            generated[live, step] = nxt
-            n_done[live] = step + 1
-            finished = torch.isin(nxt, self.eos)
-            if self.stop_strings:
-                for r in torch.nonzero(~finished).flatten().tolist():
-                    text = tok.decode(generated[live[r], :step + 1], skip_special_tokens=True)
-                    if _cut_at_stop(text, self.stop_strings)[1]:
-                        finished[r] = True
+            finished = self._record_step(generated, n_done, live, step, nxt)
             if step == self.max_new_tokens - 1 or bool(finished.all()):
                 break
             keep = torch.nonzero(~finished).flatten()
@@ -328,9 +381,88 @@ class AblationEngine:
             pos = pos[:, -1:] + 1
             step_index = step_index[:, -1:] + 1
             ids = nxt[keep][:, None]
+        return self._texts(generated, n_done)
+
+    def _record_step(self, generated: torch.Tensor, n_done: torch.Tensor, live: torch.Tensor, step: int,
+                     nxt: torch.Tensor) -> torch.Tensor:
+        """Store the step's tokens of the live rows; which of them are finished (EOS or stop string)."""
+        generated[live, step] = nxt
+        n_done[live] = step + 1
+        finished = torch.isin(nxt, self.eos)
+        if self.stop_strings:
+            tok = self.model.tokenizer
+            for r in torch.nonzero(~finished).flatten().tolist():
+                text = tok.decode(generated[live[r], :step + 1], skip_special_tokens=True)
+                if _cut_at_stop(text, self.stop_strings)[1]:
+                    finished[r] = True
+        return finished
+
+    def _texts(self, generated: torch.Tensor, n_done: torch.Tensor) -> list[str]:
+        """Decoded answers of every row, cut at the first stop string."""
+        tok = self.model.tokenizer
         texts = []
-        for r in range(R):
-            toks = generated[r, : int(n_done[r])]
-            text = tok.decode(toks, skip_special_tokens=True)
+        for r in range(generated.shape[0]):
+            text = tok.decode(generated[r, : int(n_done[r])], skip_special_tokens=True)
             texts.append(_cut_at_stop(text, self.stop_strings)[0] if self.stop_strings else text)
         return texts
+
+    @torch.inference_mode()
+    def _run_pack_skipping(self, chunk: _Chunk, groups: list[dict[int, list[int]]], repl: ReplacementValues,
+                           first: int) -> list[str]:
+        """`_run_pack` in decode-only mode with layers < `first` run once per class of rows.
+
+        A class is a set of rows with the same prompt and the same tokens generated so far; all
+        its rows have the same residual stream entering layer `first`, because every
+        intervention of the pack acts at layer `first` or later. Per step: (1) layers < first on
+        one row per class (cache `low`), returning the residual entering layer `first`;
+        (2) layers >= first on every live row from that residual (cache `high`, hooks on).
+        Classes then split by the token each row produced."""
+        P, G = len(chunk.index), len(groups)
+        R, N = G * P, self.model.n_layers
+        dev = self.model.device
+        lower, upper = range(0, first), range(first, N)
+        rows = torch.arange(P, device=dev).repeat(G)
+        inter = self._intervention(groups, P, repl)
+        hooks = inter.hooks()
+        low = _select_cache_rows(chunk.cache, torch.arange(P, device=dev), lower)
+        high = _select_cache_rows(chunk.cache, rows, upper)
+        cls_ids, cls_mask, cls_pos = chunk.last_ids, chunk.mask, chunk.positions[:, -1:]
+        row_cls = rows.clone()  # class of each live row
+        mask, pos = chunk.mask[rows], chunk.positions[rows][:, -1:]
+        step_index = torch.zeros((R, 1), dtype=torch.long, device=dev)
+        live = torch.arange(R, device=dev)
+        generated = torch.full((R, self.max_new_tokens), self.pad_id, dtype=torch.long, device=dev)
+        n_done = torch.zeros(R, dtype=torch.long, device=dev)
+        kwargs = dict(use_cache=True, logits_to_keep=1)
+        for step in range(self.max_new_tokens):
+            # TransformerLens stops the forward at block `first` and returns the residual entering it.
+            resid = self.model.bridge(cls_ids, attention_mask=cls_mask, position_ids=cls_pos, past_key_values=low,
+                                      use_cache=True, stop_at_layer=first)[row_cls]  # [R_live, 1, d]
+            inter.set_state(None if len(live) == R else live, step_index)
+            with _SkippedLayers(self.decoder_layers, lower), self.model.bridge.hooks(fwd_hooks=hooks):
+                logits = self.model.bridge(resid, attention_mask=mask, position_ids=pos, past_key_values=high,
+                                           **kwargs)
+            self.n_forward_rows += len(live)
+            nxt = logits[:, -1, :].argmax(dim=-1)
+            finished = self._record_step(generated, n_done, live, step, nxt)
+            if step == self.max_new_tokens - 1 or bool(finished.all()):
+                break
+            keep = torch.nonzero(~finished).flatten()
+            if len(keep) < len(live):
+                _select_layer_rows(high, keep, upper)
+                live, mask, pos, step_index = live[keep], mask[keep], pos[keep], step_index[keep]
+            nxt, row_cls = nxt[keep], row_cls[keep]
+            # New classes: (old class, token) pairs of the rows still running.
+            vocab = logits.shape[-1]
+            uniq, row_cls = torch.unique(row_cls * vocab + nxt, return_inverse=True)
+            parent = uniq // vocab
+            if len(parent) != len(cls_ids) or bool((parent != torch.arange(len(parent), device=dev)).any()):
+                _select_layer_rows(low, parent, lower)
+                cls_mask, cls_pos = cls_mask[parent], cls_pos[parent]
+            cls_ids = (uniq % vocab)[:, None]
+            cls_mask = torch.cat([cls_mask, torch.ones((len(cls_ids), 1), dtype=cls_mask.dtype, device=dev)], dim=1)
+            cls_pos = cls_pos + 1
+            mask = torch.cat([mask, torch.ones((len(live), 1), dtype=mask.dtype, device=dev)], dim=1)
+            pos = pos + 1
+            step_index = step_index + 1
+        return self._texts(generated, n_done)

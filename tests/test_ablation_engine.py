@@ -97,6 +97,43 @@ def test_answers_do_not_depend_on_packing(smollm2, positional_values):
     assert outs[0] == outs[1] == outs[2]
 
 
+def _skip_vs_full(model, prompts, groups, values, batch_size):
+    """Answers with layer skipping on and off (same packing), and the unablated baseline."""
+    repl = ReplacementValues("mean-positional", values)
+    out = []
+    for skip in (True, False):
+        eng = AblationEngine(model, MAX_NEW, batch_size=batch_size, stop_strings=("\n",), decode_only=True,
+                             layer_skip=skip)
+        assert (eng.decoder_layers is not None) == skip
+        prepared = eng.prepare(prompts)
+        out.append(eng.generate(prepared, groups, repl))
+    return out[0], out[1], eng.generate(prepared, [None])[0]
+
+
+def test_layer_skipping_gives_the_answers_of_the_full_forward_pass(smollm2, positional_values):
+    """One group per pack (so each pack skips up to its own layer), groups low and high in the
+    stack; some answers must change after their first token (rows of one prompt split classes)."""
+    g = torch.Generator().manual_seed(1)
+    values = {L: 4 * torch.randn((MAX_NEW, smollm2.d_model), generator=g) for L in (1, 14, 27, 29)}
+    groups = [{1: list(range(0, 576, 3))}, {14: list(range(300))}, {27: list(range(576))},
+              {29: list(range(200, 576))}, {14: [5], 29: list(range(64))}, {}]
+    skipped, full, base = _skip_vs_full(smollm2, PROMPTS, groups, values, batch_size=len(PROMPTS))
+    assert skipped == full
+    later = sum(a != b and a[:1] == b[:1] for answers in full for a, b in zip(answers, base))
+    assert later > 0, "no answer changed after its first token: class splitting is not exercised"
+
+
+def test_layer_skipping_on_gemma3_sliding_window_model(gemma3):
+    """Gemma 3 mixes sliding-window and global layers and scales its embeddings inside the
+    embedding module; skipping must still reproduce the full forward pass."""
+    g = torch.Generator().manual_seed(2)
+    d, n = gemma3.d_model, gemma3.n_layers
+    values = {L: 4 * torch.randn((MAX_NEW, d), generator=g) for L in (2, n // 2, n - 1)}
+    groups = [{2: list(range(0, d, 2))}, {n // 2: list(range(d // 2))}, {n - 1: list(range(d))}]
+    skipped, full, _ = _skip_vs_full(gemma3, PROMPTS[:4], groups, values, batch_size=8)
+    assert skipped == full
+
+
 def test_mean_recorder_matches_manual_average(smollm2, engine):
     """Positional means = average of hook_mlp_out at step t of the unablated answers (real tokens)."""
     layers = [5, 17]

@@ -87,6 +87,7 @@ def build_parser() -> argparse.ArgumentParser:
     rx.add_argument("--random_seed", type=int, default=42, help="RuleSHAP / SHAP seed")
     rx.add_argument("--fast_shap_estimate", action="store_true", help="accepted: SHAP always uses the permutation estimator")
     rx.add_argument("--npermutations", type=int, default=5, help="SHAP antithetic orderings per row")
+    rx.add_argument("--n_estimators", type=int, default=500, help="trees of the rule ensemble (stage 3's hidden flag)")
     rx.add_argument("--only_unique_datapoints_in_shap", action="store_true")
     rx.add_argument("--epsilon", type=float, default=0.1, help="SHAP background = feature minimum − epsilon")
     rx.add_argument("--use_shap_in_xgb", action="store_true", help="SHAP-weighted column sampling in XGBoost")
@@ -122,8 +123,8 @@ def validate(args: argparse.Namespace) -> None:
     if args.last_pos_only and not args.decode_only:
         raise UsageError("--last_pos_only is supported only with --decode_only (which intervenes from the last "
                          "prompt position on)")
-    for flag in ("batch_size", "points_to_use_for_mean_ablation", "npermutations", "rule_length_cap", "rule_metrics_topk",
-                 "sampling_max_points", "sampling_chunk_size", "points_per_centroid"):
+    for flag in ("batch_size", "points_to_use_for_mean_ablation", "npermutations", "n_estimators", "rule_length_cap",
+                 "rule_metrics_topk", "sampling_max_points", "sampling_chunk_size", "points_per_centroid"):
         if getattr(args, flag) < 1:
             raise UsageError(f"--{flag} must be >= 1, got {getattr(args, flag)}")
     if args.sampling_min_points < 0:

@@ -62,7 +62,7 @@ Sizes and budgets (defaults = the paper setting, or the --preset's values):
   --stage7_min_points N       stage-7 --sampling_min_points (64)
   --stage7_clusters N         stage-7 --global_n_clusters (64)
   --neuron_batch_size N       stage-7 units evaluated together (4)
-  --n_estimators N            trees of stage 3's ensemble (500)
+  --n_estimators N            trees of the rule ensembles of stages 3 and 7 (500)
   --no_shap_in_xgb            stage 3 without --use_shap_in_xgb/--use_shap_in_lasso (on a few
                               hundred rows the SHAP weights can zero every feature: no rule at all)
   --num_threads N             torch/OpenMP threads per stage (0 = library default)
@@ -83,9 +83,10 @@ Roots and control:
 Environment: PYTHON (interpreter, default .env/bin/python), MIN_RULE_DATASET_COVERAGE (0.005).
 
 Presets:
-  cpu   1024 prompts, seed features only, 24 pairs/rule (m=2), top 192 units/rule, 24+24 prompts
-        per stage-6 slice, stage 7 on <= 256 rows in 32 clusters, 2 threads: the embedded models
-        on 2 CPU cores in about 10-15 minutes.
+  cpu   1024 prompts, seed features only, 16 pairs/rule (m=1), the top 1536 units/rule that lie
+        in the last 4 MLP layers, 20+20 prompts per stage-6 slice at τ=0.3 (with 20 prompts a
+        single flip already lifts the Clopper-Pearson bound above 0.2), 200 trees, stage 7 on
+        <= 128 rows in 16 clusters, 2 threads: the embedded SmolLM2 in under 15 minutes on 2 cores.
   tiny  160 prompts, stage 3 without SHAP-weighted trees (30 trees), spectral discovery plan +
         random anchoring, 6 pairs, top 32 units, 6+6 prompts at τ=0.3, 2 rules, stage 7 on <= 48 rows,
         1 thread (the end-to-end test).
@@ -186,7 +187,8 @@ case "$PRESET" in
     preset DISCOVERY spectral; preset ANCHORING spectral; preset DECODE_ONLY 1
     preset MAX_PROMPTS 1024; preset BATCH_SIZE 128; preset NO_LLM 1; preset Z_THRESH -1
     preset MAX_CIRCUITS 0; preset PAIRS 16; preset DISC_CLUSTERS 8; preset IG_STEPS 1; preset S5_BATCH 16
-    preset N_POINTS 20; preset ANCHOR_CLUSTERS 8; preset TOP_K 96; preset LAST_K 4; preset MEAN_POOL 64
+    preset N_POINTS 20; preset ANCHOR_CLUSTERS 8; preset TOP_K 1536; preset LAST_K 4; preset MEAN_POOL 64
+    preset TAU 0.3
     preset S7_MAX 128; preset S7_MIN 32; preset S7_CLUSTERS 16; preset NEURON_BATCH 8
     preset N_ESTIMATORS 200; preset NUM_THREADS 2;;
   tiny)
@@ -487,7 +489,7 @@ if wants 7; then
          --use_spectral_sampling --sampling_max_points "$S7_MAX" --sampling_min_points "$S7_MIN"
          --global_n_clusters "$S7_CLUSTERS" "${SPECTRAL_FLAGS[@]}" --spectral_cache_dir "$CACHE_ROOT/$TASK"
          --points_to_use_for_mean_ablation "$MEAN_POOL" --intervention "$INTERVENTION"
-         --extract_rules --only_unique_datapoints_in_shap --summarize_rule_metrics
+         --extract_rules --only_unique_datapoints_in_shap --n_estimators "$N_ESTIMATORS" --summarize_rule_metrics
          --min_rule_dataset_coverage "$MIN_COV" --no_tqdm_batches "${MODEL_FLAGS[@]}")
     [ "$DECODE_ONLY" = 0 ] || cmd+=(--decode_only)
     run_stage 7 "neuron-anchored rules" "${cmd[@]}"

@@ -15,7 +15,8 @@ layers < L compute, which depends only on the tokens fed so far. So rows are gro
 *classes* of equal (prompt, generated tokens): layers < L run once per class, and only layers
 >= L run once per row, starting from the class's residual stream. Classes split when their rows
 generate different tokens. The answers are those of the full forward pass; the compute of the
-skipped layers is saved for every row that shares its class with others.
+skipped layers is saved for every row that shares its class with others. With permanent hooks
+on the bridge (which may carry state between layers) every layer runs for every row.
 """
 
 from __future__ import annotations
@@ -329,7 +330,7 @@ class AblationEngine:
         every hooked call (used to estimate mean replacement values)."""
         first = min((L for g in groups for L in g), default=0)
         if (recorder is None and self.decoder_layers is not None and first > 0
-                and chunk.cache is not None and chunk.cache.get_seq_length() > 0):
+                and chunk.cache is not None and chunk.cache.get_seq_length() > 0 and not self._permanent_hooks()):
             return self._run_pack_skipping(chunk, groups, repl, first)
         P, G = len(chunk.index), len(groups)
         R = G * P
@@ -382,6 +383,11 @@ class AblationEngine:
             step_index = step_index[:, -1:] + 1
             ids = nxt[keep][:, None]
         return self._texts(generated, n_done)
+
+    def _permanent_hooks(self) -> bool:
+        """Whether permanent hooks sit on the bridge (steering, planted test units): they may carry
+        state from one layer to another, so layer skipping is not safe with them."""
+        return any(h.is_permanent for hp in self.model.bridge.hook_dict.values() for h in hp.fwd_hooks)
 
     def _record_step(self, generated: torch.Tensor, n_done: torch.Tensor, live: torch.Tensor, step: int,
                      nxt: torch.Tensor) -> torch.Tensor:

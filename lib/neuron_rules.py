@@ -97,7 +97,7 @@ def extraction_signature(train: pd.DataFrame, eval_df: pd.DataFrame | None, feat
         "features_sha1": hashlib.sha1("\x1f".join(feats).encode()).hexdigest(),
         "feature_values_sha1": _sha1(both[feats].to_numpy(dtype=np.float64)),
         "features_json": features_digest,
-        "knobs": {k: getattr(args, k, None) for k in ("random_seed", "npermutations", "epsilon",
+        "knobs": {k: getattr(args, k, None) for k in ("random_seed", "npermutations", "n_estimators", "epsilon",
                                                      "only_unique_datapoints_in_shap", "use_shap_in_xgb",
                                                      "only_unique_datapoints_in_rule_extraction",
                                                      "semantic_quality_policy")},
@@ -109,6 +109,7 @@ def _extraction_args(args: argparse.Namespace) -> argparse.Namespace:
     """Knobs handed to stage 3's `run_rule_extraction` (no LASSO filtering in stage 7)."""
     return argparse.Namespace(
         random_seed=args.random_seed, npermutations=args.npermutations, epsilon=args.epsilon,
+        n_estimators=getattr(args, "n_estimators", 500),
         only_unique_datapoints_in_shap=args.only_unique_datapoints_in_shap, use_shap_in_xgb=args.use_shap_in_xgb,
         use_shap_in_lasso=False, only_unique_datapoints_in_rule_extraction=args.only_unique_datapoints_in_rule_extraction,
         emit_all_fit_rules=args.emit_all_fit_rules, force_all_fit_recompute=args.force_all_fit_recompute,

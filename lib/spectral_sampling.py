@@ -10,6 +10,7 @@ comes from `numpy.random.Generator`s the caller passes in, so a seed fixes every
 from __future__ import annotations
 
 import argparse
+import copy
 import difflib
 from collections import Counter
 from dataclasses import dataclass
@@ -180,7 +181,7 @@ class _HookCaptured(Exception):
     """Raised by the capture hook to end the forward pass once the wanted activation exists."""
 
 
-def _capture_hook(bridge: Any, ids: torch.Tensor, mask: torch.Tensor, hook_name: str) -> torch.Tensor:
+def _capture_hook(bridge: Any, ids: torch.Tensor, mask: torch.Tensor, hook_name: str, **kwargs: Any) -> torch.Tensor:
     """Activation at `hook_name`; the forward stops there (later layers and the unembedding are skipped)."""
     store: dict[str, torch.Tensor] = {}
 
@@ -190,7 +191,7 @@ def _capture_hook(bridge: Any, ids: torch.Tensor, mask: torch.Tensor, hook_name:
 
     with bridge.hooks(fwd_hooks=[(hook_name, grab)]):
         try:
-            bridge(ids, attention_mask=mask, return_type="logits")
+            bridge(ids, attention_mask=mask, return_type="logits", **kwargs)
         except _HookCaptured:
             pass
     if "act" not in store:
@@ -199,8 +200,49 @@ def _capture_hook(bridge: Any, ids: torch.Tensor, mask: torch.Tensor, hook_name:
     return store["act"]
 
 
-def _forward_batch(model: Any, rows: list[list[int]], settings: RepresentationSettings) -> torch.Tensor:
-    """Pooled vectors of one right-padded batch (causal attention: pads never reach real tokens)."""
+@dataclass
+class _SharedPrefix:
+    """Tokens every prompt starts with (a few-shot block), run once: its KV cache and the sum of
+    its activations at the representation hook (for mean pooling)."""
+
+    length: int
+    cache: Any
+    act_sum: torch.Tensor  # [D] fp32
+
+
+def _shared_prefix(model: Any, rows: list[list[int]], settings: RepresentationSettings) -> _SharedPrefix | None:
+    """The prompts' common prefix, prefilled once; None when there is none or the hook is not a
+    `[batch, position, ...]` activation of the residual path (then every prompt runs whole)."""
+    from transformers import DynamicCache
+
+    from lib.generation import shared_prefix_length
+
+    n = shared_prefix_length(rows) if settings.spectral_space == "hidden" and len(rows) > 1 else 0
+    if n < 1:
+        return None
+    store: dict[str, torch.Tensor] = {}
+
+    def grab(act: torch.Tensor, hook: Any = None) -> None:
+        store["act"] = act.detach().clone()
+
+    cache = DynamicCache()
+    ids = torch.tensor([rows[0][:n]], dtype=torch.long, device=model.device)
+    with torch.inference_mode(), model.bridge.hooks(fwd_hooks=[(settings.rep_hook_name, grab)]):
+        model.bridge(ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
+    act = store.get("act")
+    if act is None or act.ndim < 2 or tuple(act.shape[:2]) != (1, n):
+        return None
+    return _SharedPrefix(n, cache, act.reshape(1, n, -1)[0].float().sum(0))
+
+
+def _forward_batch(model: Any, rows: list[list[int]], settings: RepresentationSettings,
+                   prefix: _SharedPrefix | None = None) -> torch.Tensor:
+    """Pooled vectors of one right-padded batch (causal attention: pads never reach real tokens).
+
+    With `prefix`, only the tokens after it run, on a copy of its KV cache; mean pooling adds the
+    prefix's activation sum, so the vectors are those of the whole prompts."""
+    n = prefix.length if prefix is not None else 0
+    rows = [r[n:] for r in rows]
     pad = model.tokenizer.pad_token_id if model.tokenizer.pad_token_id is not None else 0
     T = max(len(r) for r in rows)
     ids = torch.full((len(rows), T), int(pad), dtype=torch.long)
@@ -210,21 +252,35 @@ def _forward_batch(model: Any, rows: list[list[int]], settings: RepresentationSe
         mask[i, : len(r)] = 1
     ids, mask = ids.to(model.device), mask.to(model.device)
     lengths = mask.sum(1)
+    kwargs: dict[str, Any] = {}
+    if prefix is not None:
+        cache = copy.deepcopy(prefix.cache)
+        cache.batch_repeat_interleave(len(rows))
+        full_mask = torch.cat([torch.ones((len(rows), n), dtype=mask.dtype, device=mask.device), mask], dim=1)
+        positions = (n + torch.arange(T, device=mask.device))[None, :].expand(len(rows), T)
+        kwargs = dict(past_key_values=cache, use_cache=True, position_ids=positions)
+    else:
+        full_mask = mask
     with torch.inference_mode():
         if settings.spectral_space == "logits":
             acts = model.bridge(ids, attention_mask=mask, return_type="logits")
         else:
-            acts = _capture_hook(model.bridge, ids, mask, settings.rep_hook_name)
+            acts = _capture_hook(model.bridge, ids, full_mask, settings.rep_hook_name, **kwargs)
         if acts.ndim < 2 or tuple(acts.shape[:2]) != (len(rows), T):
             raise UsageError(f"--rep_hook_name '{settings.rep_hook_name}' gives activations of shape "
                              f"{tuple(acts.shape)}; representations need [batch, position, ...]")
-        return _pool(acts, lengths, settings.rep_pooling).cpu()
+        pooled = _pool(acts, lengths, settings.rep_pooling)
+        if prefix is not None and settings.rep_pooling == "mean":
+            pooled = (pooled * lengths[:, None] + prefix.act_sum.to(pooled.device)) / (lengths[:, None] + n)
+        return pooled.cpu()
 
 
 def compute_representations(model: Any, prompts: Sequence[str], settings: RepresentationSettings,
                             batch_size: int = 16, cache_dir: str | None = None,
-                            progress: bool = True) -> np.ndarray:
-    """`[N, D]` fp32 pooled vectors of `prompts`; cached per prompt, only missing ones computed."""
+                            progress: bool = True, share_prefix: bool = True) -> np.ndarray:
+    """`[N, D]` fp32 pooled vectors of `prompts`; cached per prompt, only missing ones computed.
+
+    A token prefix common to all missing prompts (a few-shot block) runs once (`share_prefix`)."""
     if settings.spectral_space == "hidden":
         validate_hook_name(model.bridge, settings.rep_hook_name)
     if batch_size < 1:
@@ -249,10 +305,11 @@ def compute_representations(model: Any, prompts: Sequence[str], settings: Repres
             raise UsageError(f"a prompt has {max(len(r) for r in rows)} tokens, more than the model's context "
                              f"{model.n_ctx}; pass --max_seq_len")
         order = sorted(range(len(rows)), key=lambda i: (len(rows[i]), i))
+        prefix = _shared_prefix(model, rows, settings) if share_prefix else None
         bar = tqdm(total=len(order), desc="representations", unit="prompt", disable=not progress, dynamic_ncols=True)
         for start in range(0, len(order), batch_size):
             chunk = order[start : start + batch_size]
-            vecs = _forward_batch(model, [rows[i] for i in chunk], settings).numpy().astype(np.float32)
+            vecs = _forward_batch(model, [rows[i] for i in chunk], settings, prefix).numpy().astype(np.float32)
             for i, v in zip(chunk, vecs):
                 found[todo_keys[i]] = v.copy()
                 if cache is not None:

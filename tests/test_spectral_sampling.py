@@ -58,6 +58,31 @@ def test_mean_pooling_in_padded_batches_equals_unpadded_hf(smollm2):
         np.testing.assert_allclose(reps[i], hs[6][0].float().mean(0).numpy(), rtol=1e-4, atol=1e-4)
 
 
+FEW_SHOT = "3+5=8\n9-4=5\n6*7=42\n8/2=4\n"
+FEW_SHOT_PROMPTS = [FEW_SHOT + q for q in ("12+7=", "4*6=", "25-3=", "9+9=", "14/2=", "2+28=", "100-1=")]
+
+
+@pytest.mark.parametrize("hook,pooling", [("ln_final.hook_normalized", "last"), ("blocks.5.hook_resid_post", "mean")])
+def test_shared_prefix_gives_the_vectors_of_whole_prompts(smollm2, monkeypatch, hook, pooling):
+    """A few-shot block common to every prompt runs once; the pooled vectors (last token, or mean
+    over every token, prefix included) equal those of running each prompt whole."""
+    import lib.spectral_sampling as ss
+
+    settings = RepresentationSettings("hidden", hook, pooling)
+    seen = []
+    real = ss._forward_batch
+    monkeypatch.setattr(ss, "_forward_batch", lambda m, rows, s, p=None: seen.append(p) or real(m, rows, s, p))
+    shared = compute_representations(smollm2, FEW_SHOT_PROMPTS, settings, batch_size=3, progress=False)
+    assert seen and all(p is not None and p.length >= len(smollm2.tokenizer(FEW_SHOT)["input_ids"]) - 1 for p in seen)
+    whole = compute_representations(smollm2, FEW_SHOT_PROMPTS, settings, batch_size=3, progress=False,
+                                    share_prefix=False)
+    assert seen[-1] is None
+    np.testing.assert_allclose(shared, whole, rtol=1e-4, atol=1e-4)
+    hs, _ = _hf_hidden(smollm2, FEW_SHOT_PROMPTS[0])
+    if pooling == "mean":
+        np.testing.assert_allclose(shared[0], hs[6][0].float().mean(0).numpy(), rtol=1e-4, atol=1e-4)
+
+
 def test_logits_space_and_left_truncation(smollm2):
     reps = compute_representations(smollm2, PROMPTS[:3], RepresentationSettings("logits", "ignored", "last", 3),
                                    batch_size=3, progress=False)
@@ -84,7 +109,7 @@ def test_cache_reuses_vectors_and_hook_changes_key(smollm2, tmp_path, monkeypatc
     # only the missing prompt is computed; the three cached ones come from disk
     calls = []
     real = ss._forward_batch
-    monkeypatch.setattr(ss, "_forward_batch", lambda m, rows, s: calls.append(len(rows)) or real(m, rows, s))
+    monkeypatch.setattr(ss, "_forward_batch", lambda m, rows, s, *a: calls.append(len(rows)) or real(m, rows, s, *a))
     again = compute_representations(smollm2, PROMPTS[:4], a, batch_size=8, cache_dir=str(tmp_path), progress=False)
     assert calls == [1]
     np.testing.assert_array_equal(again[:3], first)

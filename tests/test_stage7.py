@@ -206,7 +206,8 @@ def test_stage7_cli_planted_unit_flips_and_rule(tmp_path, smollm2, planted_rows,
             "--search_epsilon", "0.2", "--stats_dirname", RUN, "--rules_dir", str(rules), "--intervention", "zero",
             "--decode_only", "--batch_size", "256", "--neuron_batch_size", "4", "--extract_rules",
             "--rule_targets", "flip_m10_33,flip_m28_5,flip_m29_100",
-            "--summarize_rule_metrics", "--npermutations", "1", "--device", "cpu", "--no_tqdm_batches"]
+            "--summarize_rule_metrics", "--npermutations", "1", "--n_estimators", "200", "--device", "cpu",
+            "--no_tqdm_batches"]
     monkeypatch.setattr(mab, "load_analysed_model", lambda *a, **k: smollm2)
     with planted_model(smollm2, PLANT, gate_token=_gate_token(smollm2)):
         assert _run(argv) == 0
@@ -297,6 +298,8 @@ def test_stage7_bad_input(tmp_path, capsys):
     assert "--search_epsilon is required" in capsys.readouterr().err
     assert _run(base + ["--search_epsilon", "0.2", "--input_only", "--decode_only"]) == 2
     assert "mutually exclusive" in capsys.readouterr().err
+    assert _run(base + ["--search_epsilon", "0.2", "--n_estimators", "0"]) == 2
+    assert "--n_estimators must be >= 1" in capsys.readouterr().err
     pd.DataFrame({"prompt": ["1+1="], "is_correct": [True]}).to_csv(feats / "scores.csv", index=False)
     assert _run(base + ["--search_epsilon", "0.2"]) == 2
     assert "features.json" in capsys.readouterr().err

@@ -368,12 +368,9 @@ class AblationEngine:
                     logits = self.model.bridge(ids, **kwargs)
             else:
                 logits = self.model.bridge(ids, **kwargs)
-            self.n_forward_rows += len(live)
-            nxt = logits[:, -1, :].argmax(dim=-1)
-            finished = self._record_step(generated, n_done, live, step, nxt)
-            if step == self.max_new_tokens - 1 or bool(finished.all()):
+            nxt, keep = self._advance(logits, generated, n_done, live, step)
+            if keep is None:
                 break
-            keep = torch.nonzero(~finished).flatten()
             if len(keep) < len(live):
                 cache.batch_select_indices(keep)
                 live, mask = live[keep], mask[keep]
@@ -389,8 +386,19 @@ class AblationEngine:
         state from one layer to another, so layer skipping is not safe with them."""
         return any(h.is_permanent for hp in self.model.bridge.hook_dict.values() for h in hp.fwd_hooks)
 
-    def _record_step(self, generated: torch.Tensor, n_done: torch.Tensor, live: torch.Tensor, step: int,
-                     nxt: torch.Tensor) -> torch.Tensor:
+    def _advance(self, logits: torch.Tensor, generated: torch.Tensor, n_done: torch.Tensor, live: torch.Tensor,
+                 step: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Greedy tokens of the live rows, stored; with the positions (in `live`) of the rows that go
+        on, or None when the pack is done (every row finished, or the token budget is spent)."""
+        self.n_forward_rows += len(live)
+        nxt = logits[:, -1, :].argmax(dim=-1)
+        finished = self._finished_rows(generated, n_done, live, step, nxt)
+        if step == self.max_new_tokens - 1 or bool(finished.all()):
+            return nxt, None
+        return nxt, torch.nonzero(~finished).flatten()
+
+    def _finished_rows(self, generated: torch.Tensor, n_done: torch.Tensor, live: torch.Tensor, step: int,
+                       nxt: torch.Tensor) -> torch.Tensor:
         """Store the step's tokens of the live rows; which of them are finished (EOS or stop string)."""
         generated[live, step] = nxt
         n_done[live] = step + 1
@@ -448,12 +456,9 @@ class AblationEngine:
             with _SkippedLayers(self.decoder_layers, lower), self.model.bridge.hooks(fwd_hooks=hooks):
                 logits = self.model.bridge(resid, attention_mask=mask, position_ids=pos, past_key_values=high,
                                            **kwargs)
-            self.n_forward_rows += len(live)
-            nxt = logits[:, -1, :].argmax(dim=-1)
-            finished = self._record_step(generated, n_done, live, step, nxt)
-            if step == self.max_new_tokens - 1 or bool(finished.all()):
+            nxt, keep = self._advance(logits, generated, n_done, live, step)
+            if keep is None:
                 break
-            keep = torch.nonzero(~finished).flatten()
             if len(keep) < len(live):
                 _select_layer_rows(high, keep, upper)
                 live, mask, pos, step_index = live[keep], mask[keep], pos[keep], step_index[keep]

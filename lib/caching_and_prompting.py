@@ -28,6 +28,7 @@ __all__ = [
     "atomic_write_pickle",
     "load_pickle",
     "content_key",
+    "file_digest",
     "DiskCache",
     "ensure_writable_dir",
 ]
@@ -137,6 +138,15 @@ def content_key(*parts: Any) -> str:
     """Stable SHA-256 hex key of JSON-serialisable parts (dict keys sorted)."""
     blob = json.dumps(parts, sort_keys=True, ensure_ascii=False, default=_json_default)
     return hashlib.sha256(blob.encode("utf-8")).hexdigest()
+
+
+def file_digest(path: str | Path, algorithm: str = "sha256") -> str:
+    """Hex digest of a file's bytes, read in blocks (model files can be large)."""
+    h = hashlib.new(algorithm)
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 22), b""):
+            h.update(block)
+    return h.hexdigest()
 
 
 class DiskCache:

@@ -9,7 +9,6 @@ later stages load in seconds instead of re-dequantising.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import io
 import logging
 import os
@@ -23,6 +22,7 @@ from typing import Any
 import safetensors.torch
 import torch
 
+from lib.caching_and_prompting import file_digest
 from lib.model_resolution import EMBEDDED_MODELS, ModelResolutionError, ModelSource, resolve_model_source
 
 __all__ = [
@@ -111,14 +111,6 @@ def model_cache_root(ai_model_cache_dir: str | None = None) -> Path:
     return path
 
 
-def _sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 22), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 @contextlib.contextmanager
 def _quiet_loading():
     """Silence library chatter (progress bars, conversion warnings) while loading weights."""
@@ -139,7 +131,7 @@ def _quiet_loading():
 def _converted_gguf_folder(source: ModelSource, root: Path) -> Path:
     """Folder with the dequantised fp32 safetensors of a GGUF, created on first use."""
     gguf = Path(source.location)
-    folder = root / "converted" / f"{gguf.stem}-{_sha256_file(gguf)[:16]}"
+    folder = root / "converted" / f"{gguf.stem}-{file_digest(gguf)[:16]}"
     if (folder / "config.json").is_file():
         return folder
     from transformers import AutoModelForCausalLM, AutoTokenizer

@@ -10,7 +10,6 @@ with flip columns and every summary). Run-mode names come from `lib.run_layout`.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import time
 from pathlib import Path
@@ -20,7 +19,7 @@ import numpy as np
 import pandas as pd
 
 from lib.analysis_table import read_scores_table, scores_csv_path
-from lib.caching_and_prompting import ArtifactError, atomic_write_json, content_key, ensure_writable_dir
+from lib.caching_and_prompting import ArtifactError, atomic_write_json, content_key, ensure_writable_dir, file_digest
 from lib.flip_columns import (AblationContext, cached_replacements, compute_flip_columns, mean_pool_prompts,
                               policy_tag, prompt_sha1, recorded_labels)
 from lib.flip_coverage_plots import write_hq_coverage
@@ -74,15 +73,7 @@ def load_inputs(features_dir: str | Path, task: Any) -> tuple[pd.DataFrame, list
         df[c] = num.astype("float64").fillna(0.0)
     if "is_test" in df.columns:
         df["is_test"] = df["is_test"].map(lambda v: str(v).strip().lower() in ("true", "1", "1.0")).astype(bool)
-    return df, features, scores, hashlib.sha1(feats_path.read_bytes()).hexdigest()
-
-
-def _file_digest(path: Path) -> str:
-    h = hashlib.sha1()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
+    return df, features, scores, file_digest(feats_path, "sha1")
 
 
 class _Model:
@@ -154,7 +145,7 @@ def _flips(df: pd.DataFrame, units: list[Unit], args: argparse.Namespace, task: 
     flips, report = compute_flip_columns(frame, units, prompt_col, main_metric, ctx, repl, ident,
                                          rules_dir / tag / "ablation_cache", args.neuron_batch_size,
                                          progress=not args.no_tqdm_batches, echo=echo)
-    report.update(sampling=sampling, policy_tag=tag, scores_sha1=_file_digest(scores_path))
+    report.update(sampling=sampling, policy_tag=tag, scores_sha1=file_digest(scores_path, "sha1"))
     out = pd.concat([frame, flips], axis=1)
     if report["n_baseline_mismatch"]:
         echo(f"[stage7] {report['n_baseline_mismatch']} evaluated row(s) did not reproduce the recorded "

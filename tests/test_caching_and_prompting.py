@@ -21,6 +21,7 @@ from lib.caching_and_prompting import (
     atomic_write_pickle,
     atomic_write_text,
     content_key,
+    file_digest,
     ensure_writable_dir,
     load_pickle,
     set_deterministic,
@@ -166,6 +167,17 @@ def test_ensure_writable_dir_path_is_a_file(tmp_path):
         ensure_writable_dir(f)
     assert str(f) in str(info.value)
     assert f.read_text() == "x"  # the file is left alone
+
+
+# ---- file_digest -------------------------------------------------------------------------------
+def test_file_digest_matches_hashlib_over_several_blocks(tmp_path):
+    import hashlib
+
+    data = os.urandom((1 << 22) + 12345)  # more than one read block
+    f = tmp_path / "blob.bin"
+    f.write_bytes(data)
+    assert file_digest(f) == hashlib.sha256(data).hexdigest()
+    assert file_digest(f, "sha1") == hashlib.sha1(data).hexdigest()
 
 
 # ---- content_key -------------------------------------------------------------------------------

@@ -37,3 +37,14 @@ def gemma3():
     from lib.modeling_and_ablation import load_analysed_model
 
     return load_analysed_model(GEMMA3, device="cpu")
+
+
+def serve_loaded_model(monkeypatch, module, model, alias: str = SMOLLM2) -> None:
+    """Make `module.load_analysed_model` hand out the session's already loaded `model` (a stage
+    under test must ask for `alias` on the CPU) instead of loading the weights again."""
+
+    def load(ai_model, device="auto", dtype="auto", ai_model_cache_dir=None):
+        assert ai_model == alias and device == "cpu", (ai_model, device)
+        return model
+
+    monkeypatch.setattr(module, "load_analysed_model", load)

@@ -16,7 +16,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from conftest import REPO, SMOLLM2
+from conftest import REPO, SMOLLM2, serve_loaded_model
 from lib.analysis_table import load_analysis_table, prompts_sha256, rule_mask
 from lib.cli import run_main
 from lib.sampling_plan import PlanError, load_sampling_plan
@@ -57,11 +57,7 @@ def with_session_model(smollm2, monkeypatch):
     """The stage gets the already loaded SmolLM2 instead of loading it again."""
     import lib.sampling_plan as sp
 
-    def fake_load(ai_model, device="auto", dtype="auto", ai_model_cache_dir=None):
-        assert ai_model == SMOLLM2 and device == "cpu"
-        return smollm2
-
-    monkeypatch.setattr(sp, "load_analysed_model", fake_load)
+    serve_loaded_model(monkeypatch, sp, smollm2)
     return smollm2
 
 

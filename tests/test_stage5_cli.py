@@ -16,7 +16,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from conftest import REPO, SMOLLM2
+from conftest import REPO, SMOLLM2, serve_loaded_model
 from lib.caching_and_prompting import ArtifactError
 from lib.cli import UsageError, run_main
 from lib.sampling_plan import PlanError
@@ -57,11 +57,7 @@ def with_session_model(smollm2, monkeypatch):
     """The stage gets the already loaded SmolLM2 instead of loading it again."""
     import lib.circuit_discovery as cd
 
-    def load(ai_model, device="auto", dtype="auto", ai_model_cache_dir=None):
-        assert ai_model == SMOLLM2 and device == "cpu"
-        return smollm2
-
-    monkeypatch.setattr(cd, "load_analysed_model", load)
+    serve_loaded_model(monkeypatch, cd, smollm2)
 
 
 def _argv(root: Path, out: str, *extra: str) -> list[str]:

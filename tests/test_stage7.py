@@ -17,7 +17,7 @@ from lib.caching_and_prompting import ArtifactError
 from lib.neuron_units import Unit, load_candidate_units
 from lib.run_layout import RunOptions, run_mode
 from lib.tasks.arithmetic_task import TASK_SPEC as ARITH
-from tests.conftest import SMOLLM2
+from tests.conftest import SMOLLM2, serve_loaded_model
 
 FEW_SHOT = "3+5=8\n9-4=5\n6*7=42\n8/2=4\n"
 PLANT = {10: [33]}
@@ -208,7 +208,7 @@ def test_stage7_cli_planted_unit_flips_and_rule(tmp_path, smollm2, planted_rows,
             "--rule_targets", "flip_m10_33,flip_m28_5,flip_m29_100",
             "--summarize_rule_metrics", "--npermutations", "1", "--n_estimators", "200", "--device", "cpu",
             "--no_tqdm_batches"]
-    monkeypatch.setattr(mab, "load_analysed_model", lambda *a, **k: smollm2)
+    serve_loaded_model(monkeypatch, mab, smollm2)
     with planted_model(smollm2, PLANT, gate_token=_gate_token(smollm2)):
         assert _run(argv) == 0
     out = capsys.readouterr().out

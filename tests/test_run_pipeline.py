@@ -148,6 +148,25 @@ def test_dry_run_names_match_run_layout(tmp_path):
     assert not (tmp_path / "d").exists()
 
 
+def test_cpu_preset_sizes_reach_the_stages_and_explicit_options_win(tmp_path):
+    """The cpu preset's candidate budget, τ and tree count reach stages 3, 6 and 7; an explicit
+    option overrides the preset's value."""
+    base = ["arithmetic", MODEL, "--preset", "cpu", "--dry_run", "--data_root", str(tmp_path / "d"),
+            "--cache_root", str(tmp_path / "c")]
+    proc = _driver(*base, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    scripts = {"3": "3_extract_rules.py", "6": "6_analyze_bag_of_rules.py", "7": "7_refine_neuron_anchored_rules.py"}
+    lines = {n: next(line for line in proc.stderr.splitlines() if script in line) for n, script in scripts.items()}
+    assert "--n_estimators 200" in lines["3"] and "--n_estimators 200" in lines["7"]
+    assert "--top_k_neurons 1536" in lines["6"] and "--last_k_layers 4" in lines["6"]
+    assert "--search_epsilon 0.3" in lines["6"] and "--search_epsilon 0.3" in lines["7"]
+    assert f"--stats_dirname {run_mode(RunOptions(tau=0.3))}" in lines["7"]
+    proc = _driver(*base, "--tau", "0.2", "--n_estimators", "50", timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert "--search_epsilon 0.2" in proc.stderr and "--search_epsilon 0.3" not in proc.stderr
+    assert "--n_estimators 50" in proc.stderr and "--n_estimators 200" not in proc.stderr
+
+
 def test_summary_of_a_missing_experiment_is_an_error(tmp_path):
     from lib import pipeline_summary
 

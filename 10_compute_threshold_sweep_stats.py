@@ -14,7 +14,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from lib.cli import UsageError, run_main
+from lib.pipeline.cli import UsageError, run_main
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -43,7 +43,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from lib.threshold_sweep_stats import SweepStatsOptions, threshold_sweep_stats
+    from lib.reporting.threshold_sweeps import SweepStatsOptions, threshold_sweep_stats
 
     csv = Path(args.csv)
     if not csv.is_file():

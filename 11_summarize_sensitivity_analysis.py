@@ -12,11 +12,11 @@ import argparse
 import sys
 from pathlib import Path
 
-from lib.cli import UsageError, run_main
+from lib.pipeline.cli import UsageError, run_main
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from lib.run_layout import canonical_run_mode
+    from lib.runs.layout import canonical_run_mode
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--stats_root", required=True)
@@ -33,8 +33,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from lib.result_loading import expand_score_scopes
-    from lib.sensitivity_summary import SensitivityOptions, summarize_sensitivity
+    from lib.runs.results import expand_score_scopes
+    from lib.reporting.sensitivity import SensitivityOptions, summarize_sensitivity
 
     if not Path(args.stats_root).is_dir():
         raise UsageError(f"--stats_root '{args.stats_root}' is not a folder")

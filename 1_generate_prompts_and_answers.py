@@ -11,8 +11,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from lib.cli import UsageError, run_main
-from lib.model_resolution import EMBEDDED_MODELS
+from lib.pipeline.cli import UsageError, run_main
+from lib.models.resolution import EMBEDDED_MODELS
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -35,15 +35,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--regenerate", action="store_true",
                    help="regenerate even if the pickle exists (default: reuse it)")
     p.add_argument("--no_progress", action="store_true", help="hide the progress bar")
-    from lib.modeling_and_ablation import add_model_arguments
+    from lib.models.loading import add_model_arguments
 
     add_model_arguments(p)
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
-    from lib.answer_generation import run_stage1
-    from lib.task_spec import load_task
+    from lib.pipeline.stage1_answers import run_stage1
+    from lib.tasks.base import load_task
 
     parser = build_parser()
     known, _ = parser.parse_known_args(argv)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from lib.cli import UsageError, run_main
+from lib.pipeline.cli import UsageError, run_main
 
 DEFAULT_FEATURE_LLM = "local:smollm2-135m-instruct-q4_1"
 
@@ -58,8 +58,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from lib.feature_extraction_runner import run_stage2
-    from lib.task_spec import load_task
+    from lib.pipeline.stage2_features import run_stage2
+    from lib.tasks.base import load_task
 
     args = build_parser().parse_args(argv)
     for flag in ("n_features", "feature_extraction_steps", "num_correct_example_prompts",

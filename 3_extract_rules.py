@@ -18,8 +18,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from lib.rule_combos import DEFAULT_MIN_MCC_GAIN
-from lib.cli import UsageError, run_main
+from lib.rules.combos import DEFAULT_MIN_MCC_GAIN
+from lib.pipeline.cli import UsageError, run_main
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -62,7 +62,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.n_estimators < 1:
         raise UsageError("--n_estimators must be >= 1")
 
-    from lib.rule_extraction import run_stage3
+    from lib.pipeline.stage3_rules import run_stage3
 
     run_stage3(args)
     return 0

@@ -22,15 +22,15 @@ from __future__ import annotations
 import argparse
 import sys
 
-from lib.cli import UsageError, run_main
+from lib.pipeline.cli import UsageError, run_main
 
 
 def build_parser() -> argparse.ArgumentParser:
     """Every flag of spec §2.1 plus --dtype, --selection and --no_progress."""
-    from lib.analysis_table import REGIMES
-    from lib.modeling_and_ablation import add_model_arguments
-    from lib.sampling_plan import SELECTIONS
-    from lib.spectral_sampling import add_spectral_arguments
+    from lib.pipeline.feature_table import REGIMES
+    from lib.models.loading import add_model_arguments
+    from lib.pipeline.stage4_sampling import SELECTIONS
+    from lib.sampling.spectral import add_spectral_arguments
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--features_scores_dir", required=True, help="folder with scores.csv (stage 2)")
@@ -73,7 +73,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def check_args(args: argparse.Namespace) -> None:
     """Reject flag values that cannot work, naming the flag."""
-    from lib.spectral_sampling import check_pair_metric, check_spectral_arguments
+    from lib.sampling.spectral import check_pair_metric, check_spectral_arguments
 
     check_spectral_arguments(args)
     for flag in ("global_n_clusters", "max_points_per_ablation", "min_points_per_ablation", "batch_size",
@@ -96,7 +96,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     check_args(args)
 
-    from lib.sampling_plan import run_stage4
+    from lib.pipeline.stage4_sampling import run_stage4
 
     run_stage4(args)
     return 0

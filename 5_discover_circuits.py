@@ -30,11 +30,11 @@ import argparse
 import logging
 import sys
 
-from lib.cli import UsageError, run_main
-from lib.circuit_discovery import LEVELS, SAMPLING_STRATEGIES, Stage5Config, run_stage5
-from lib.modeling_and_ablation import add_model_arguments
-from lib.neuron_attribution import DECODE_MODES, INTERVENTIONS, METRICS, TEMPORAL_AGGS, canonical_method
-from lib.spectral_sampling import add_spectral_arguments, check_pair_metric, check_spectral_arguments
+from lib.pipeline.cli import UsageError, run_main
+from lib.pipeline.stage5_circuits import LEVELS, SAMPLING_STRATEGIES, Stage5Config, run_stage5
+from lib.models.loading import add_model_arguments
+from lib.attribution.eap import DECODE_MODES, INTERVENTIONS, METRICS, TEMPORAL_AGGS, canonical_method
+from lib.sampling.spectral import add_spectral_arguments, check_pair_metric, check_spectral_arguments
 
 log = logging.getLogger("5_discover_circuits")
 

@@ -15,12 +15,12 @@ from __future__ import annotations
 import argparse
 import sys
 
-from lib.cli import UsageError, run_main
-from lib.replacement_values import INTERVENTIONS
+from lib.pipeline.cli import UsageError, run_main
+from lib.ablation.interventions import INTERVENTIONS
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from lib.modeling_and_ablation import add_model_arguments
+    from lib.models.loading import add_model_arguments
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--input_data_dir", required=True, help="stage-5 folder holding manifest.json (and dataset_info.json)")
@@ -103,8 +103,8 @@ def validate(args: argparse.Namespace) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     validate(args)
-    from lib.caching_and_prompting import set_deterministic
-    from lib.group_ablation import run_stage6
+    from lib.core.files_and_cache import set_deterministic
+    from lib.pipeline.stage6_cha import run_stage6
 
     set_deterministic(args.seed)
     for total in run_stage6(args):

@@ -12,7 +12,7 @@ Scopes: TEST = combo selected on TRAIN rows only and scored on `is_test` rows on
 Outputs: `<rules_dir>/stats/<stats_dirname>/` (scores.csv with flip columns, flip_stats_*,
 rule_combo_metrics_*, rule_metrics_*, high_quality_neuron_flip_coverage*), raw rule files in
 `<rules_dir>/<policy_tag>/<layer>_<id>/`, caches keyed by prompt content and settings. Use
-`python -m lib.run_layout run_mode ...` for the pipeline's --stats_dirname.
+`python -m lib.runs.layout run_mode ...` for the pipeline's --stats_dirname.
 """
 
 from __future__ import annotations
@@ -20,15 +20,15 @@ from __future__ import annotations
 import argparse
 import sys
 
-from lib.cli import UsageError, run_main
-from lib.replacement_values import INTERVENTIONS
+from lib.pipeline.cli import UsageError, run_main
+from lib.ablation.interventions import INTERVENTIONS
 
 _METRICS = ("balanced_accuracy", "mcc", "tpr", "tnr", "f1")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from lib.modeling_and_ablation import add_model_arguments
-    from lib.spectral_sampling import add_spectral_arguments
+    from lib.models.loading import add_model_arguments
+    from lib.sampling.spectral import add_spectral_arguments
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--circuit_agonists_path", required=True,
@@ -112,7 +112,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def validate(args: argparse.Namespace) -> None:
     """Flag checks that need no files."""
-    from lib.spectral_sampling import check_spectral_arguments
+    from lib.sampling.spectral import check_spectral_arguments
 
     if args.search_epsilon is None:
         raise UsageError("--search_epsilon is required (τ of stage 6; the pipeline passes 0.2)")
@@ -146,8 +146,8 @@ def validate(args: argparse.Namespace) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     validate(args)
-    from lib.caching_and_prompting import set_deterministic
-    from lib.neuron_refinement import run_stage7
+    from lib.core.files_and_cache import set_deterministic
+    from lib.pipeline.stage7_anchoring import run_stage7
 
     set_deterministic(args.seed)
     res = run_stage7(args)

@@ -13,7 +13,7 @@ import re
 import sys
 from pathlib import Path
 
-from lib.cli import UsageError, run_main
+from lib.pipeline.cli import UsageError, run_main
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -34,7 +34,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from lib.experiment_comparison import CompareOptions, compare_experiments
+    from lib.reporting.compare_experiments import CompareOptions, compare_experiments
 
     if args.thr_step <= 0 or args.thr_max < args.thr_min:
         raise UsageError("--thr_step must be > 0 and --thr_max >= --thr_min")

@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Stage 9: compare models of one task across run modes (rule quality, flip unions, τ-agonists, CHA cost).
 
-Each run reads its own stage-6 bag folder (named by the run mode through lib.run_layout), the
+Each run reads its own stage-6 bag folder (named by the run mode through lib.runs.layout), the
 positive-baseline `neuron_buckets.json` and `rule_knockout.json`.
 """
 
@@ -11,7 +11,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from lib.cli import UsageError, run_main
+from lib.pipeline.cli import UsageError, run_main
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -29,7 +29,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from lib.model_comparison import compare_models
+    from lib.reporting.compare_models import compare_models
 
     if not Path(args.task_dir).is_dir():
         raise UsageError(f"--task_dir '{args.task_dir}' is not a folder")

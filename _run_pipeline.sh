@@ -5,7 +5,7 @@
 #
 # Every stage is skipped when its outputs already exist (--force / --from_stage rerun them; the stage
 # scripts themselves reuse their valid per-item results). A failing stage stops the run with its exit
-# code and names the stage. Run-mode folder names come from `python -m lib.run_layout`.
+# code and names the stage. Run-mode folder names come from `python -m lib.runs.layout`.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")"
 
@@ -228,13 +228,13 @@ done
 [ -z "$LAST_K" ] || [ "$LAST_K" -ge 1 ] || die_usage "--last_k_layers must be >= 1"
 [ -n "$PY" ] || { echo "$PROG: error: no Python found (run setup.sh or set PYTHON)" >&2; exit 2; }
 
-# ------------------------------------------------------------------ names and folders (one place: lib.run_layout)
+# ------------------------------------------------------------------ names and folders (one place: lib.runs.layout)
 LAYOUT_OPTS=(--split rule --discovery_sampling "$DISCOVERY" --anchoring "$ANCHORING" --circuit_size "$CIRCUIT_SIZE"
              --intervention "$INTERVENTION" --tau "$TAU")
 [ "$DECODE_ONLY" = 1 ] || LAYOUT_OPTS+=(--no_decode_only)
 [ "$FAST" = 1 ] || LAYOUT_OPTS+=(--slow)
 [ "$FAKE" = 0 ] || LAYOUT_OPTS+=(--fake_targets)
-layout() { "$PY" -m lib.run_layout "$1" "${LAYOUT_OPTS[@]}" --data_root "$DATA_ROOT" --cache_root "$CACHE_ROOT" \
+layout() { "$PY" -m lib.runs.layout "$1" "${LAYOUT_OPTS[@]}" --data_root "$DATA_ROOT" --cache_root "$CACHE_ROOT" \
              --task "$TASK" --model "$MODEL" "${@:2}"; }
 RUN_MODE="$(layout run_mode)" || die_usage "could not compose the run mode"
 MODEL_DIR="$(layout model_dir)"
@@ -512,6 +512,6 @@ if [ "$DRY_RUN" = 0 ] && [ -d "$MODEL_DIR" ]; then
   } > "$MODEL_DIR/pipeline_timings.tsv"
 fi
 if [ "$SUMMARY" = 1 ] && [ "$DRY_RUN" = 0 ]; then
-  "$PY" -m lib.pipeline_summary --task "$TASK" --model "$MODEL" --data_root "$DATA_ROOT" \
+  "$PY" -m lib.reporting.summary --task "$TASK" --model "$MODEL" --data_root "$DATA_ROOT" \
     --cache_root "$CACHE_ROOT" --run_mode "$RUN_MODE" --tau "$TAU" --min_rule_dataset_coverage "$MIN_COV"
 fi

@@ -12,7 +12,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from lib.cli import UsageError, run_main
+from lib.pipeline.cli import UsageError, run_main
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -33,9 +33,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from lib.artifact_check import check_artifacts
-    from lib.caching_and_prompting import atomic_write_json
-    from lib.run_layout import CANONICAL_ROLES
+    from lib.reporting.artifact_check import check_artifacts
+    from lib.core.files_and_cache import atomic_write_json
+    from lib.runs.layout import CANONICAL_ROLES
 
     roles = [r.strip() for r in args.runs.split(",") if r.strip()]
     bad = [r for r in roles if r not in CANONICAL_ROLES]

@@ -15,7 +15,7 @@ import shutil
 import sys
 from pathlib import Path
 
-from lib.cli import UsageError, run_main
+from lib.pipeline.cli import UsageError, run_main
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -32,8 +32,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from lib.caching_and_prompting import atomic_path, atomic_write_json
-    from lib.results_export import plan_export
+    from lib.core.files_and_cache import atomic_path, atomic_write_json
+    from lib.runs.export import plan_export
 
     data = Path(args.data_dir)
     if not data.is_dir():

@@ -13,7 +13,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from lib.cli import UsageError, run_main
+from lib.pipeline.cli import UsageError, run_main
 
 _ALL = "table1,table2,table3,table9,table10,table11,table12,table13"
 
@@ -67,8 +67,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from lib.paper_tables import SUPPORTED_TABLES, TableOptions, make_tables
-    from lib.result_loading import expand_score_scopes, normalize_scope
+    from lib.reporting.paper_tables import SUPPORTED_TABLES, TableOptions, make_tables
+    from lib.runs.results import expand_score_scopes, normalize_scope
 
     which = list(SUPPORTED_TABLES) if args.which.strip() in ("all_supported", "all") else \
         [w.strip() if w.strip().startswith("table") else f"table{w.strip()}" for w in args.which.split(",") if w.strip()]

@@ -50,7 +50,7 @@ done
 case "$CAND" in mean|mean-donor|mean-donor-positional|zero) ;; *) die_usage "--intervention must be mean-donor, mean-donor-positional, mean or zero";; esac
 [[ "$POOL" =~ ^[0-9]+$ ]] || die_usage "--mean_pool needs an integer"
 
-# Folders and sizes of the MAIN run, from the driver (names are composed in lib.run_layout only).
+# Folders and sizes of the MAIN run, from the driver (names are composed in lib.runs.layout only).
 eval "$(bash _run_pipeline.sh "$TASK" "$MODEL" --main --preset "$PRESET" --data_root "$DATA_ROOT" \
           --cache_root "$CACHE_ROOT" "${EXTRA[@]}" --print_paths)"
 [ "$ANCHORING" = spectral ] || die_usage "the re-check reruns the MAIN (spectral anchoring) run"

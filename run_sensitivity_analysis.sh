@@ -84,7 +84,7 @@ for task in "${TASK_LIST[@]}"; do
       else pipeline "$task" "$model" --circuit_size "$m"; fi
     done
     for t in "${TAU_LIST[@]}"; do pipeline "$task" "$model" --tau "$t"; done
-    stats_root="$("$PY" -m lib.run_layout stats_root --data_root "$DATA_ROOT" --task "$task" --model "$model")"
+    stats_root="$("$PY" -m lib.runs.layout stats_root --data_root "$DATA_ROOT" --task "$task" --model "$model")"
     out="$OUT_ROOT/sensitivity_summary/$task/${model//\//__}"
     run "$PY" 11_summarize_sensitivity_analysis.py --stats_root "$stats_root" --out_dir "$out" \
       --baseline_M "$BASELINE_M" --baseline_tau 0.2 --score_scope "${SENSITIVITY_SCORE_SCOPE:-all_fit}" \

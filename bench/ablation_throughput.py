@@ -35,9 +35,9 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from lib.ablation_engine import AblationEngine, ReplacementValues, mlp_hook_name  # noqa: E402
-from lib.generation import _cut_at_stop, eos_token_ids  # noqa: E402
-from lib.modeling_and_ablation import LoadedModel, load_analysed_model  # noqa: E402
+from lib.ablation.engine import AblationEngine, ReplacementValues, mlp_hook_name  # noqa: E402
+from lib.models.generation import _cut_at_stop, eos_token_ids  # noqa: E402
+from lib.models.loading import LoadedModel, load_analysed_model  # noqa: E402
 from lib.tasks.arithmetic_task import FEW_SHOT_PREFIX, TASK_SPEC  # noqa: E402
 
 

@@ -4,7 +4,7 @@ Loads the analysed model once and answers the arithmetic task's embedded-default
 (few-shot prefix, operands in [0, 30), operator-stratified subsample) four ways:
 
   (a) `model.hf_model.generate` -- greedy, left-padded, prompts in construction order; the reference
-  (b) `lib.generation.greedy_generate(share_prefix=False)`, no stop strings
+  (b) `lib.models.generation.greedy_generate(share_prefix=False)`, no stop strings
   (c) `greedy_generate(share_prefix=True)`, no stop strings (few-shot prefix prefilled once)
   (d) `greedy_generate(share_prefix=True)` with the task's stop strings (the real stage-1 setting)
 
@@ -43,8 +43,8 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import torch  # noqa: E402
 
-from lib.generation import eos_token_ids, greedy_generate  # noqa: E402
-from lib.modeling_and_ablation import LoadedModel, load_analysed_model  # noqa: E402
+from lib.models.generation import eos_token_ids, greedy_generate  # noqa: E402
+from lib.models.loading import LoadedModel, load_analysed_model  # noqa: E402
 from lib.tasks.arithmetic_task import TASK_SPEC, answer_region  # noqa: E402
 
 
@@ -115,7 +115,7 @@ def main(argv: list[str] | None = None) -> int:
     stops = TASK_SPEC.generation_stop_strings(ns, args.model)
     bs, mnt = args.batch_size, args.max_new_tokens
 
-    print("bench_generation: greedy generation, HF generate vs lib.generation.greedy_generate")
+    print("bench_generation: greedy generation, HF generate vs lib.models.generation.greedy_generate")
     print(f"  device          {model.device}" + (f" ({torch.cuda.get_device_name(model.device)})"
                                                  if model.device.type == "cuda" else ""))
     print(f"  torch threads   {torch.get_num_threads()}   torch {torch.__version__}")

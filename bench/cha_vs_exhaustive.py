@@ -34,14 +34,14 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import numpy as np  # noqa: E402
 
-from lib.ablation_engine import AblationEngine  # noqa: E402
-from lib.analysis_table import load_analysis_table, rule_mask  # noqa: E402
-from lib.cha_search import group_testing_bound, is_agonist, run_cha, run_exhaustive  # noqa: E402
-from lib.circuit_manifest import read_dataset_info, read_manifest  # noqa: E402
-from lib.modeling_and_ablation import load_analysed_model  # noqa: E402
-from lib.neuron_buckets import is_catastrophic  # noqa: E402
-from lib.replacement_values import estimate_replacements  # noqa: E402
-from lib.task_spec import load_task  # noqa: E402
+from lib.ablation.engine import AblationEngine  # noqa: E402
+from lib.pipeline.feature_table import load_analysis_table, rule_mask  # noqa: E402
+from lib.ablation.cha import group_testing_bound, is_agonist, run_cha, run_exhaustive  # noqa: E402
+from lib.attribution.manifest import read_dataset_info, read_manifest  # noqa: E402
+from lib.models.loading import load_analysed_model  # noqa: E402
+from lib.ablation.buckets import is_catastrophic  # noqa: E402
+from lib.ablation.interventions import estimate_replacements  # noqa: E402
+from lib.tasks.base import load_task  # noqa: E402
 
 
 def agonists(records: list[dict], tau: float, regime: str) -> dict[tuple[int, int], float]:

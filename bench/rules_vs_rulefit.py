@@ -55,8 +55,8 @@ if str(REPO) not in sys.path:
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
-from lib.rule_combos import find_best_or_combo, score_frozen_combo  # noqa: E402
-from lib.text_and_rules import Combo, Literal, evaluate_many, format_expression, parse_expression  # noqa: E402
+from lib.rules.combos import find_best_or_combo, score_frozen_combo  # noqa: E402
+from lib.rules.language import Combo, Literal, evaluate_many, format_expression, parse_expression  # noqa: E402
 
 
 # --------------------------------------------------------------------------------------------
@@ -84,7 +84,7 @@ def planted_table(seed: int, n: int = 600) -> tuple[pd.DataFrame, list[str], str
 
 def scores_table(directory: Path, target: str) -> tuple[pd.DataFrame, list[str], str]:
     """scores.csv + features.json of a stage-2 folder: feature columns as stage 3 resolves them."""
-    from lib.rule_extraction import _parse_bool_column, _to_float_target, resolve_feature_columns
+    from lib.pipeline.stage3_rules import _parse_bool_column, _to_float_target, resolve_feature_columns
 
     df = pd.read_csv(directory / "scores.csv", low_memory=False)
     labels = [str(f["label"]) for f in json.loads((directory / "features.json").read_text(encoding="utf-8"))]
@@ -116,12 +116,12 @@ def split_xy(df: pd.DataFrame, feats: list[str], target: str, test: bool) -> tup
 # --------------------------------------------------------------------------------------------
 
 def ruleshap_rules(X: pd.DataFrame, y: np.ndarray, seed: int, n_estimators: int, shap: bool) -> tuple[pd.DataFrame, dict]:
-    from lib.ruleshap import RuleSHAP
+    from lib.rules.ruleshap import RuleSHAP
 
     info: dict[str, Any] = {}
     weights = None
     if shap:
-        from lib.data_model_for_shap import compute_global_shap_stats, shap_feature_weights
+        from lib.rules.shap_importance import compute_global_shap_stats, shap_feature_weights
 
         t0 = time.perf_counter()
         stats = compute_global_shap_stats(X, y, seed=seed, npermutations=5, only_unique=True)
@@ -233,7 +233,7 @@ def main(argv: list[str] | None = None) -> int:
     import imodels  # noqa: F401
     import xgboost  # noqa: F401
 
-    from lib.data_model_for_shap import compute_global_shap_stats
+    from lib.rules.shap_importance import compute_global_shap_stats
     t_imp = time.perf_counter() - t0
     t_jit = float("nan")
     if not args.no_warmup:

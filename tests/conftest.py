@@ -26,7 +26,7 @@ def repo_root() -> Path:
 @pytest.fixture(scope="session")
 def smollm2():
     """SmolLM2-135M-Instruct (embedded GGUF) wrapped in a TransformerBridge, on CPU."""
-    from lib.modeling_and_ablation import load_analysed_model
+    from lib.models.loading import load_analysed_model
 
     return load_analysed_model(SMOLLM2, device="cpu")
 
@@ -34,7 +34,7 @@ def smollm2():
 @pytest.fixture(scope="session")
 def gemma3():
     """Gemma-3-270m base (embedded GGUF, assembled from chunk packages), on CPU."""
-    from lib.modeling_and_ablation import load_analysed_model
+    from lib.models.loading import load_analysed_model
 
     return load_analysed_model(GEMMA3, device="cpu")
 

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from lib.run_layout import ExperimentLayout, canonical_run_mode, parse_run_mode
+from lib.runs.layout import ExperimentLayout, canonical_run_mode, parse_run_mode
 
 MODEL = "Qwen/Qwen2-7B-Instruct"
 MAIN = canonical_run_mode("main")

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from string import Template
 
-from lib.feature_representation import Feature
+from lib.features.feature import Feature
 
 __all__ = [
     "make_closed_bins",

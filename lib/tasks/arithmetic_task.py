@@ -17,10 +17,10 @@ from typing import Any, Sequence
 
 import pandas as pd
 
-from lib.caching_and_prompting import load_pickle
-from lib.feature_representation import Feature
-from lib.sampling_utils import stratified_subsample
-from lib.task_spec import TaskError, TaskSpec
+from lib.core.files_and_cache import load_pickle
+from lib.features.feature import Feature
+from lib.tasks.subsample import stratified_subsample
+from lib.tasks.base import TaskError, TaskSpec
 from lib.tasks.arithmetic_seed_features import build_seed_features
 
 __all__ = [
@@ -269,7 +269,7 @@ class ArithmeticTask(TaskSpec):
 
     def resolve_prompt_settings(self, args: Any, model_alias: str | None) -> tuple[str, tuple[int, int]]:
         """(few-shot prefix, operand range) after resolving `auto` defaults for the model."""
-        from lib.model_resolution import EMBEDDED_MODELS
+        from lib.models.resolution import EMBEDDED_MODELS
 
         small = model_alias in EMBEDDED_MODELS
         fmt = getattr(args, "prompt_format", None) or "auto"

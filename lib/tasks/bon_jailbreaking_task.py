@@ -40,10 +40,10 @@ from typing import Any, Sequence
 
 import pandas as pd
 
-from lib.caching_and_prompting import content_key, load_pickle
-from lib.feature_representation import Feature
-from lib.sampling_utils import stratified_subsample
-from lib.task_spec import TaskError, TaskSpec, generic_dataset_stats
+from lib.core.files_and_cache import content_key, load_pickle
+from lib.features.feature import Feature
+from lib.tasks.subsample import stratified_subsample
+from lib.tasks.base import TaskError, TaskSpec, generic_dataset_stats
 
 __all__ = [
     "DEFAULT_JUDGE_MODEL",
@@ -411,7 +411,7 @@ def parse_verdict(reply: str | None) -> bool | None:
 
 def _ask_judge(cfg: BonConfig, users: Sequence[str]) -> list[str | None]:
     """One instruct_model call with the judge's fixed settings (temperature 0, 5 tokens, no thinking)."""
-    from lib.llm_backends import instruct_model
+    from lib.models.llm_clients import instruct_model
 
     return instruct_model(cfg.judge_model, [("", u) for u in users], temperature=0.0,
                           cache_dir=cfg.judge_cache_dir, max_tokens=JUDGE_MAX_TOKENS,
@@ -420,7 +420,7 @@ def _ask_judge(cfg: BonConfig, users: Sequence[str]) -> list[str | None]:
 
 def _one_by_one(cfg: BonConfig, users: Sequence[str], streak: list[int]) -> list[tuple[str | None, str | None, bool]]:
     """(reply, error, attempted) per request, asked singly; stops after too many consecutive failures."""
-    from lib.llm_backends import LLMBackendError
+    from lib.models.llm_clients import LLMBackendError
 
     out: list[tuple[str | None, str | None, bool]] = []
     for user in users:
@@ -448,7 +448,7 @@ def _result(reply: str | None, error: str | None, attempted: bool) -> JudgeResul
 
 def judge_generations(behaviors: Sequence[str], generations: Sequence[str], cfg: BonConfig) -> list[JudgeResult]:
     """Judge every (behavior, generation) pair; empty answers are 'No' without a call, failures are reported."""
-    from lib.llm_backends import LLMBackendError
+    from lib.models.llm_clients import LLMBackendError
 
     if len(behaviors) != len(generations):
         raise ValueError(f"judge: {len(behaviors)} behaviors but {len(generations)} generations")

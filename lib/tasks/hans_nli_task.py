@@ -32,9 +32,9 @@ from typing import Any, Sequence
 
 import pandas as pd
 
-from lib.caching_and_prompting import load_pickle
-from lib.feature_representation import Feature
-from lib.task_spec import TaskError, TaskSpec, generic_dataset_stats
+from lib.core.files_and_cache import load_pickle
+from lib.features.feature import Feature
+from lib.tasks.base import TaskError, TaskSpec, generic_dataset_stats
 
 __all__ = [
     "HANS_BASE_URL",

@@ -9,9 +9,9 @@ from collections import namedtuple
 import pandas as pd
 import pytest
 
-from lib.caching_and_prompting import ArtifactError
-from lib.sampling_utils import stratified_subsample
-from lib.task_spec import TaskError, load_task, row_as_namedtuple
+from lib.core.files_and_cache import ArtifactError
+from lib.tasks.subsample import stratified_subsample
+from lib.tasks.base import TaskError, load_task, row_as_namedtuple
 from lib.tasks import arithmetic_task as at
 from lib.tasks.arithmetic_seed_features import build_seed_features, make_closed_bins
 

@@ -13,10 +13,10 @@ from typing import Iterator
 
 import pytest
 
-from conftest import REPO
-from lib.feature_representation import compile_trusted_feature
-from lib.feature_sandbox import check_feature_source
-from lib.task_spec import TaskError, row_as_namedtuple
+from tests.conftest import REPO
+from lib.features.feature import compile_trusted_feature
+from lib.features.sandbox import check_feature_source
+from lib.tasks.base import TaskError, row_as_namedtuple
 from lib.tasks import bon_jailbreaking_task as bon
 from lib.tasks.bon_jailbreaking_task import (
     TASK_SPEC,

@@ -16,10 +16,10 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from conftest import REPO
-from lib.caching_and_prompting import ArtifactError, atomic_write_pickle
-from lib.feature_filters import sanitize_column_names
-from lib.task_spec import TaskError, load_task, row_as_namedtuple
+from tests.conftest import REPO
+from lib.core.files_and_cache import ArtifactError, atomic_write_pickle
+from lib.features.filters import sanitize_column_names
+from lib.tasks.base import TaskError, load_task, row_as_namedtuple
 from lib.tasks import hans_nli_task as hn
 
 SAMPLE = REPO / "tests" / "data" / "hans_sample.tsv"
@@ -485,7 +485,7 @@ def test_seed_features_on_hand_checked_rows(by_pair, pair_id, expected):
 
 
 def test_seed_features_run_in_the_sandbox(rows):
-    from lib.feature_sandbox import FeatureSandbox
+    from lib.features.sandbox import FeatureSandbox
 
     infos = [hn.TASK_SPEC.parse_prompt_row(row_as_namedtuple(r)) for r in rows]
     with FeatureSandbox(n_workers=1, timeout_s=60.0, cpu_s=30.0) as sb:

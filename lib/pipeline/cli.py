@@ -1,0 +1,34 @@
+"""Shared command-line plumbing: one clear error line and a non-zero exit for user mistakes."""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from typing import Callable
+
+from lib.core.errors import UsageError
+from lib.core.files_and_cache import ArtifactError
+from lib.models.resolution import ModelResolutionError
+from lib.tasks.base import TaskError
+
+__all__ = ["UsageError", "USER_ERRORS", "run_main"]
+
+
+USER_ERRORS = (UsageError, ArtifactError, TaskError, ModelResolutionError)
+
+
+def run_main(main: Callable[[list[str] | None], int | None], argv: list[str] | None = None) -> int:
+    """Run a stage's `main`; user errors print `<script>: error: <message>` and exit with 2."""
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    logging.basicConfig(level=os.environ.get("MECHARULE_LOG_LEVEL", "WARNING"),
+                        format="%(levelname)s %(name)s: %(message)s")
+    prog = os.path.basename(sys.argv[0]) or "mecharule"
+    try:
+        return int(main(argv) or 0)
+    except USER_ERRORS as exc:
+        print(f"{prog}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"{prog}: interrupted; rerun the same command to resume", file=sys.stderr)
+        return 130

@@ -1,0 +1,370 @@
+"""Stage 6 driver: for each circuit, sample prompts, check the baseline, run CHA (or the
+exhaustive reference) on the batched engine, and write the spec's per-circuit and run files.
+
+Differences from the original that matter for results are listed in docs/DEVIATIONS.md
+(stage 6): per-circuit seeded RNG (a resumed run equals a fresh one), no contamination of the
+associated slice, baseline mismatches dropped and recorded, regime `all` runs both regimes,
+cross-circuit exclusion of known agonists only with `--exclude_known_agonists`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+
+from lib.ablation.engine import AblationEngine, PreparedPrompts, ReplacementValues
+from lib.pipeline.feature_table import AnalysisTable, load_analysis_table, prompts_sha256, rule_mask
+from lib.core.files_and_cache import ArtifactError, atomic_write_json, content_key, ensure_writable_dir
+from lib.ablation.cha import clopper_pearson_upper, group_testing_bound, is_agonist, run_cha, run_exhaustive
+from lib.attribution.manifest import Circuit, manifest_entry_summary, read_dataset_info, read_manifest
+from lib.ablation.buckets import NeuronBuckets, unit_key
+from lib.ablation.interventions import estimate_replacements
+from lib.tasks.base import TaskSpec, load_task
+
+__all__ = ["run_stage6", "circuit_output_path", "regimes_of", "cost_block"]
+
+
+def regimes_of(baseline_subset: str) -> list[str]:
+    """`all` runs both regimes (into `positive_baseline/` and `negative_baseline/`)."""
+    return ["positive", "negative"] if baseline_subset == "all" else [baseline_subset]
+
+
+def circuit_output_path(out_dir: Path, c: Circuit) -> Path:
+    """`<out>/<target>/rule_0003.json` or `<out>/spectral_clusters/cluster_0003.json`."""
+    if c.is_cluster:
+        return out_dir / "spectral_clusters" / f"cluster_{c.circuit_id:04d}.json"
+    return out_dir / c.target / f"rule_{c.circuit_id:04d}.json"
+
+
+def _circuit_rng(seed: int, c: Circuit) -> np.random.Generator:
+    """An RNG per circuit (so results do not depend on which circuits ran before or were reused)."""
+    return np.random.default_rng([int(seed) % (2**32), int(c.circuit_id), zlib.crc32(c.target.encode())])
+
+
+def settings_key(args: argparse.Namespace, regime: str, ai_model: str) -> str:
+    """Identity of every setting that changes a circuit's result (resume reuses only on a match)."""
+    keys = ("search_epsilon", "prune_alpha", "catastrophic_acc_tol", "catastrophic_n_runs", "n_associated",
+            "n_unrelated", "decode_only", "intervention", "points_to_use_for_mean_ablation", "top_k_neurons",
+            "last_k_layers", "mlp_neurons_only", "fast_ablation", "sign_split_first", "sampling_strategy",
+            "seed", "exclude_known_agonists", "dtype")
+    return content_key({k: getattr(args, k, None) for k in keys}, regime, ai_model)
+
+
+def cost_block(records: Sequence[dict], n_candidates: int, tau: float) -> dict:
+    """N, k (singleton agonists), evaluations, the group-testing bound and the exhaustive cost."""
+    k = sum(1 for r in records if is_agonist(r, tau))
+    return {"n_candidates": int(n_candidates), "n_agonists": int(k), "n_evaluations": len(records),
+            "bound_k_log2_N_over_k_plus_k": round(group_testing_bound(n_candidates, k), 3),
+            "exhaustive_evaluations": int(n_candidates),
+            "evaluations_over_bound": round(len(records) / max(group_testing_bound(n_candidates, k), 1e-9), 4),
+            "evaluations_over_exhaustive": round(len(records) / n_candidates, 6) if n_candidates else None}
+
+
+@dataclass
+class _Sample:
+    assoc: list[int]
+    unrel: list[int]
+    n_assoc_avail: int
+    n_unrel_avail: int
+    strategy: str
+
+
+class Stage6:
+    """One regime of one stage-6 run."""
+
+    def __init__(self, args: argparse.Namespace, task: TaskSpec, regime: str, out_dir: Path,
+                 info: dict, echo: Callable[[str], None], models: dict) -> None:
+        self.args, self.task, self.regime, self.out_dir, self.echo = args, task, regime, out_dir, echo
+        self.models = models  # loaded model shared by the regimes of one run
+        self.ai_model = args.ai_model or info.get("ai_model")
+        if not self.ai_model:
+            raise ArtifactError("no model given: pass --ai_model (dataset_info.json has no 'ai_model')")
+        scores = args.scores_path or info.get("scores_path")
+        if not scores:
+            raise ArtifactError("no scores table: pass --scores_path (dataset_info.json has no 'scores_path')")
+        self.table: AnalysisTable = load_analysis_table(scores, task, regime, info.get("prompt_col"),
+                                                        info.get("target_col"))
+        self.plan = None
+        if args.sampling_strategy == "plan":
+            from lib.pipeline.stage4_sampling import load_sampling_plan
+
+            self.plan = load_sampling_plan(args.sampling_plan_path, expected_dataset_size=len(self.table.df),
+                                           expected_prompts_sha256=prompts_sha256(self.table.prompts),
+                                           expected_baseline_subset=regime)
+        self.key = settings_key(args, regime, self.ai_model)
+        self.buckets = NeuronBuckets(args.search_epsilon, args.catastrophic_acc_tol, args.catastrophic_n_runs)
+        self.engine: AblationEngine | None = None
+        self.replacement: ReplacementValues | None = None
+        self.circuits: list[Circuit] = []
+
+    # ---- prompts -----------------------------------------------------------------------------
+    def sample(self, c: Circuit, rng: np.random.Generator) -> _Sample | str:
+        """Associated/unrelated indices for a circuit, or the reason it must be skipped."""
+        a = self.args
+        if self.plan is not None:
+            skipped = self.plan.skip_reason(c.target, c.circuit_id)
+            if skipped:
+                return skipped
+            entry = self.plan.entry(c.target, c.circuit_id)
+            assoc_pool, unrel_pool, strategy = list(entry["associated_indices"]), list(entry["unrelated_indices"]), "plan"
+            unrel_pool = list(dict.fromkeys(unrel_pool))
+        else:
+            mask = rule_mask(self.table.df, c.label, c.direction or "positive")
+            assoc_pool = np.flatnonzero(mask).tolist()
+            unrel_pool = np.flatnonzero(~mask).tolist()
+            strategy = "random"
+        if len(assoc_pool) < a.n_associated or len(unrel_pool) < a.n_unrelated:
+            return _Sample([], [], len(assoc_pool), len(unrel_pool), strategy)
+        assoc = sorted(rng.choice(assoc_pool, size=a.n_associated, replace=False).tolist())
+        unrel = sorted(rng.choice(unrel_pool, size=a.n_unrelated, replace=False).tolist())
+        return _Sample(assoc, unrel, len(assoc_pool), len(unrel_pool), strategy)
+
+    # ---- model -------------------------------------------------------------------------------
+    def ensure_engine(self, circuits: Sequence[Circuit]) -> None:
+        """Load the model and estimate replacement values once, over every layer still to search."""
+        if self.engine is not None:
+            return
+        from lib.models.loading import load_analysed_model
+
+        a = self.args
+        if self.ai_model not in self.models:
+            self.echo(f"loading {self.ai_model} ...")
+            self.models[self.ai_model] = load_analysed_model(self.ai_model, a.device, a.dtype, a.ai_model_cache_dir)
+        model = self.models[self.ai_model]
+        stops = self.task.generation_stop_strings(argparse.Namespace(), self.ai_model)
+        self.engine = AblationEngine(model, self.task.MAX_NEW_TOKENS, a.batch_size, stops, a.decode_only)
+        layers: dict[int, set[int]] = {}
+        for c in circuits:
+            for L, ids in c.units.items():
+                layers.setdefault(L, set()).update(ids)
+        pool = self._mean_pool()
+        self.replacement = estimate_replacements(self.engine, pool, a.intervention,
+                                                 {L: sorted(v) for L, v in layers.items()},
+                                                 progress=f"{a.intervention} values" if a.intervention != "zero" else False)
+
+    def _mean_pool(self) -> list[str]:
+        """TRAIN prompts of the regime (all TRAIN if none), seeded sample of the requested size."""
+        train = self.table.train_df
+        t = train[self.table.target_col].to_numpy(dtype=bool)
+        rows = train[t] if self.regime == "positive" else train[~t]
+        if rows.empty:
+            rows = train
+        n = min(self.args.points_to_use_for_mean_ablation, len(rows))
+        pick = np.sort(np.random.default_rng(self.args.seed).choice(len(rows), size=n, replace=False))
+        return rows[self.table.prompt_col].astype(str).iloc[pick].tolist()
+
+    # ---- one circuit -------------------------------------------------------------------------
+    def analyse(self, c: Circuit, excluded: set[str]) -> dict:
+        """The per-circuit JSON (status ok or skipped)."""
+        a = self.args
+        base = {**manifest_entry_summary(c), "intervention": a.intervention, "decode_only": bool(a.decode_only),
+                "baseline_subset": self.regime, "settings_key": self.key}
+        units = {L: [i for i in ids if unit_key(f"m{L}", i) not in excluded] for L, ids in c.units.items()}
+        units = {L: ids for L, ids in units.items() if ids}
+        rng = _circuit_rng(a.seed, c)
+        if not c.units:
+            reason = ("No MLP neurons left after applying --mlp_neurons_only." if c.dropped_attention_units
+                      else "No usable units found for this circuit.")
+            return self._skip(base, reason, 0, 0)
+        s = self.sample(c, rng)
+        if isinstance(s, str):
+            return self._skip(base, s, 0, 0)
+        base.update(n_associated_positive=s.n_assoc_avail, n_unrelated_positive=s.n_unrel_avail,
+                    n_associated_available=s.n_assoc_avail, n_unrelated_available=s.n_unrel_avail)
+        if not s.assoc:
+            return self._skip(base, "Insufficient associated or unrelated prompts", s.n_assoc_avail, s.n_unrel_avail)
+        self.ensure_engine(self.circuits)
+        assert self.engine is not None and self.replacement is not None
+        df = self.table.df
+        prompts = df[self.table.prompt_col].astype(str)
+        idx = s.assoc + s.unrel
+        rows = df.iloc[idx].to_dict("records")
+        prepared = self.engine.prepare([prompts.iloc[i] for i in idx])
+        flags = self.task.is_answer_positive(rows, self.engine.generate(prepared, [None])[0])
+        want = self.regime == "positive"
+        ok = [bool(f) == want for f in flags]
+        dropped_a = [i for i, good in zip(s.assoc, ok[:len(s.assoc)]) if not good]
+        dropped_u = [i for i, good in zip(s.unrel, ok[len(s.assoc):]) if not good]
+        if dropped_a or dropped_u:
+            self.echo(f"  circuit {c.circuit_id}: {len(dropped_a) + len(dropped_u)} prompt(s) did not reproduce "
+                      f"the {self.regime} baseline and were dropped")
+            s.assoc = [i for i in s.assoc if i not in set(dropped_a)]
+            s.unrel = [i for i in s.unrel if i not in set(dropped_u)]
+            if not s.assoc or not s.unrel:
+                return self._skip(base, "No sampled prompt reproduced the baseline outcome", s.n_assoc_avail,
+                                  s.n_unrel_avail)
+            idx = s.assoc + s.unrel
+            rows = df.iloc[idx].to_dict("records")
+            prepared = self.engine.prepare([prompts.iloc[i] for i in idx])
+        n_a = len(s.assoc)
+        counter = {"evaluations": 0}
+        tester = self._tester(prepared, rows, n_a, counter)
+        t0 = time.perf_counter()
+        retrial = self._catastrophic_retrials(c) if a.exclude_known_agonists and a.fast_ablation else {}
+        records = run_exhaustive(retrial, tester, a.prune_alpha, self.regime) if retrial else []
+        if not units:
+            pass
+        elif a.fast_ablation:
+            scores = c.scores if a.sign_split_first else None
+            records += run_cha(units, tester, a.search_epsilon, a.prune_alpha, self.regime, rng, scores,
+                               a.sign_split_first)
+        else:
+            records += run_exhaustive(units, tester, a.prune_alpha, self.regime)
+        elapsed = time.perf_counter() - t0
+        n_candidates = sum(len(v) for v in units.values())
+        base_acc = 1.0 if want else 0.0
+        out = {**base, "status": "ok", "n_associated_tested": n_a, "n_unrelated_tested": len(s.unrel),
+               "baseline_acc_associated": base_acc, "baseline_acc_unrelated": base_acc,
+               "baseline_gap_neg_minus_pos": 0.0,
+               "sampled_associated_indices": s.assoc, "sampled_unrelated_indices": s.unrel,
+               "sampled_associated_original_idx": df["original_idx"].iloc[s.assoc].astype(int).tolist(),
+               "sampled_unrelated_original_idx": df["original_idx"].iloc[s.unrel].astype(int).tolist(),
+               "baseline_dropped_associated_indices": dropped_a, "baseline_dropped_unrelated_indices": dropped_u,
+               "sampling_strategy_used": s.strategy, "search": "cha" if a.fast_ablation else "exhaustive",
+               "n_excluded_known_units": c.n_units - n_candidates,
+               "ablations": records, "cost": {**cost_block(records, n_candidates, a.search_epsilon),
+                                              "wall_seconds": round(elapsed, 2)},
+               "agonist_activation_stats": None, "agonist_margin_stats": None, "agonist_saliency_stats": None}
+        return out
+
+    def _catastrophic_retrials(self, c: Circuit) -> dict[int, list[int]]:
+        """Units of this circuit that are catastrophic candidates: each is tried alone again (spec §5.2.1)."""
+        out: dict[int, list[int]] = {}
+        for L, ids in c.units.items():
+            again = [i for i in ids if unit_key(f"m{L}", i) in self.buckets.candidates]
+            if again:
+                out[L] = again
+        return out
+
+    def _tester(self, prepared: PreparedPrompts, rows: list[dict], n_a: int, counter: dict) -> Callable:
+        assert self.engine is not None
+
+        def test(groups: Sequence[dict]) -> list[tuple[list[bool], list[bool]]]:
+            answers = self.engine.generate(prepared, list(groups), self.replacement,
+                                           progress=f"  {len(groups)} group test(s)" if len(groups) > 8 else False)
+            counter["evaluations"] += len(groups)
+            out = []
+            for ans in answers:
+                f = [bool(x) for x in self.task.is_answer_positive(rows, ans)]
+                out.append((f[:n_a], f[n_a:]))
+            return out
+
+        return test
+
+    @staticmethod
+    def _skip(base: dict, reason: str, n_a: int, n_u: int) -> dict:
+        return {**base, "n_associated_positive": n_a, "n_unrelated_positive": n_u, "status": "skipped",
+                "reason": reason, "n_associated_tested": 0, "n_unrelated_tested": 0, "ablations": []}
+
+
+def _reusable(path: Path, c: Circuit, key: str) -> dict | None:
+    """A finished per-circuit JSON of the same circuit and settings, else None."""
+    if not path.is_file():
+        return None
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError:
+        return None
+    same = (data.get("status") in ("ok", "skipped") and data.get("circuit_id") == c.circuit_id
+            and data.get("circuit_label") == c.label and data.get("rule_target") == c.target
+            and data.get("rule_direction") == c.direction and data.get("settings_key") == key)
+    return data if same else None
+
+
+def _summary(res: dict) -> dict:
+    keys = ["circuit_id", "circuit_label", "analysis_mode", "cluster_index", "rule_target", "rule_direction",
+            "status", "baseline_subset", "n_associated_positive", "n_unrelated_positive",
+            "n_associated_tested", "n_unrelated_tested"]
+    out = {k: res.get(k) for k in keys}
+    if res["status"] == "ok":
+        out.update(baseline_acc_associated=res["baseline_acc_associated"],
+                   baseline_acc_unrelated=res["baseline_acc_unrelated"],
+                   baseline_gap_neg_minus_pos=res["baseline_gap_neg_minus_pos"],
+                   n_ablation_groups=len(res["ablations"]), n_candidates=res["cost"]["n_candidates"],
+                   sampling_strategy_used=res["sampling_strategy_used"], cost=res["cost"])
+    else:
+        out["reason"] = res.get("reason")
+    return out
+
+
+def _run_regime(args: argparse.Namespace, task: TaskSpec, regime: str, out_dir: Path, info: dict,
+                circuits: list[Circuit], models: dict, echo: Callable[[str], None]) -> dict:
+    st = Stage6(args, task, regime, out_dir, info, echo, models)
+    st.circuits = circuits
+    summaries = []
+    t0 = time.perf_counter()
+    for n, c in enumerate(circuits, 1):
+        path = circuit_output_path(out_dir, c)
+        res = _reusable(path, c, st.key)
+        if res is None:
+            echo(f"[{regime}] circuit {n}/{len(circuits)} (rule {c.circuit_id}: {c.label}) with {c.n_units} units")
+            excluded = st.buckets.excluded() if args.exclude_known_agonists else set()
+            res = st.analyse(c, excluded)
+            atomic_write_json(path, res)
+            if res["status"] == "ok":
+                cost = res["cost"]
+                echo(f"  {cost['n_evaluations']} group tests, {cost['n_agonists']} agonist(s) among "
+                     f"{cost['n_candidates']} units, {cost['wall_seconds']} s")
+            else:
+                echo(f"  skipped: {res['reason']}")
+        else:
+            echo(f"[{regime}] circuit {n}/{len(circuits)} reused from {path}")
+        for rec in res.get("ablations", []):
+            st.buckets.update(rec, c.circuit_id)
+        summaries.append(_summary(res))
+    atomic_write_json(out_dir / "rule_knockout.json", summaries)
+    atomic_write_json(out_dir / "neuron_buckets.json", st.buckets.to_json())
+    atomic_write_json(out_dir / "neuron_bucket_stats.json", st.buckets.stats())
+    ok = [s for s in summaries if s["status"] == "ok"]
+    total = {"regime": regime, "search": "cha" if args.fast_ablation else "exhaustive",
+             "n_circuits": len(summaries), "n_ok": len(ok),
+             "n_candidates": sum(s["cost"]["n_candidates"] for s in ok),
+             "n_agonists": sum(s["cost"]["n_agonists"] for s in ok),
+             "n_evaluations": sum(s["cost"]["n_evaluations"] for s in ok),
+             "bound_k_log2_N_over_k_plus_k": round(sum(s["cost"]["bound_k_log2_N_over_k_plus_k"] for s in ok), 3),
+             "exhaustive_evaluations": sum(s["cost"]["exhaustive_evaluations"] for s in ok),
+             "unique_agonists": len(st.buckets.agonists), "wall_seconds": round(time.perf_counter() - t0, 2)}
+    total["evaluations_over_exhaustive"] = (round(total["n_evaluations"] / total["exhaustive_evaluations"], 6)
+                                            if total["exhaustive_evaluations"] else None)
+    atomic_write_json(out_dir / "cost_summary.json", total)
+    return total
+
+
+def min_prompts_to_prune(tau: float, prune_alpha: float) -> int:
+    """Smallest slice size at which zero flips give a UCB below τ (below it CHA never prunes)."""
+    if tau <= 0 or prune_alpha <= 0:
+        return 0
+    n = 1
+    while clopper_pearson_upper(0, n, prune_alpha / 2) >= tau and n < 100000:
+        n += 1
+    return n
+
+
+def run_stage6(args: argparse.Namespace, echo: Callable[[str], None] = print) -> list[dict]:
+    """Run every requested regime; returns the run-level cost summaries."""
+    need = min_prompts_to_prune(args.search_epsilon, args.prune_alpha)
+    if args.fast_ablation and min(args.n_associated, args.n_unrelated) < need:
+        echo(f"warning: with fewer than {need} prompts per slice a group with no flip still has an upper "
+             f"bound >= tau={args.search_epsilon}, so CHA prunes nothing and tests every unit; raise "
+             f"--n_associated/--n_unrelated")
+    task = load_task(args.task_module)
+    circuits = read_manifest(args.input_data_dir, cluster_mode=args.cluster_by_spectral,
+                             top_k_neurons=args.top_k_neurons, last_k_layers=args.last_k_layers)
+    if not circuits:
+        raise ArtifactError(f"'{args.input_data_dir}/manifest.json' has no circuit with status ok")
+    info = read_dataset_info(args.input_data_dir)
+    out_root = ensure_writable_dir(args.output_data_dir)
+    models: dict = {}
+    totals = []
+    for regime in regimes_of(args.baseline_subset):
+        out_dir = out_root / f"{regime}_baseline" if args.baseline_subset == "all" else out_root
+        out_dir.mkdir(parents=True, exist_ok=True)
+        totals.append(_run_regime(args, task, regime, out_dir, info, circuits, models, echo))
+    return totals

@@ -1,0 +1,149 @@
+"""Stage 6 on the embedded model: planted agonists are found by CHA at a fraction of the
+exhaustive cost, and the CLI writes the spec's files, resumes, and rejects bad input."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from lib.ablation.engine import AblationEngine, ReplacementValues
+from lib.ablation.cha import run_cha, run_exhaustive
+from lib.tasks.arithmetic_task import TASK_SPEC as ARITH
+from tests.conftest import SMOLLM2
+from tests.planted import PLANTED, planted_model
+
+FEW_SHOT = "3+5=8\n9-4=5\n6*7=42\n8/2=4\n"
+
+
+@pytest.fixture(scope="module")
+def correct_prompts(smollm2):
+    """16 few-shot additions the unmodified model answers correctly."""
+    eng = AblationEngine(smollm2, ARITH.MAX_NEW_TOKENS, batch_size=128, stop_strings=("\n",))
+    cands = [FEW_SHOT + f"{a}+{b}=" for a in range(10, 17) for b in range(10, 17)]
+    answers = eng.generate(eng.prepare(cands), [None])[0]
+    ok = [p for p, good in zip(cands, ARITH.is_answer_positive([{"prompt": p} for p in cands], answers)) if good]
+    assert len(ok) >= 16, f"only {len(ok)} correct prompts"
+    return ok[:16]
+
+
+def test_planted_agonists_found_by_cha_far_below_exhaustive_cost(smollm2, correct_prompts):
+    rows = [{"prompt": p} for p in correct_prompts]
+    with planted_model(smollm2):
+        eng = AblationEngine(smollm2, ARITH.MAX_NEW_TOKENS, batch_size=256, stop_strings=("\n",))
+        prepared = eng.prepare(correct_prompts)
+        base = ARITH.is_answer_positive(rows, eng.generate(prepared, [None])[0])
+        assert all(base), "the planted model must answer like the original when nothing is ablated"
+        calls = []
+
+        def tester(groups):
+            calls.append(len(groups))
+            out = []
+            for ans in eng.generate(prepared, list(groups), ReplacementValues("zero")):
+                f = ARITH.is_answer_positive(rows, ans)
+                out.append((f[:8], f[8:]))
+            return out
+
+        units = {10: list(range(256)), 20: list(range(256))}
+        recs = run_cha(units, tester, tau=0.9, prune_alpha=0.05, regime="positive", rng=np.random.default_rng(0))
+        found = {(int(k[1:]), ids[0]) for r in recs if r["group_size"] == 1 and r["max_effect"] >= 0.9
+                 for k, ids in r["layers_neurons_dict"].items()}
+        assert found == {(L, i) for L, ids in PLANTED.items() for i in ids}
+        assert sum(calls) == len(recs)
+        assert len(recs) < 512 / 6, f"{len(recs)} evaluations for 512 candidates"
+        ex = run_exhaustive({10: list(range(28, 40))}, tester, 0.05, "positive")
+        assert [r["layers_neurons_dict"]["m10"][0] for r in ex if r["max_effect"] >= 0.9] == [33]
+
+
+# ---- the CLI ---------------------------------------------------------------------------------
+
+def _write_inputs(tmp_path, smollm2, n_units=24):
+    """A scores table of 48 real answers with one feature, a one-rule manifest of a few units."""
+    eng = AblationEngine(smollm2, ARITH.MAX_NEW_TOKENS, batch_size=64, stop_strings=("\n",))
+    prompts = [FEW_SHOT + f"{a}{op}{b}=" for a in (11, 14, 17, 23) for b in (2, 6, 9, 12) for op in "+*-"]
+    answers = eng.generate(eng.prepare(prompts), [None])[0]
+    correct = ARITH.is_answer_positive([{"prompt": p} for p in prompts], answers)
+    df = pd.DataFrame({"prompt": prompts, "raw_output": answers, "is_correct": correct,
+                       "operator_addition": [float("+" in p[-6:]) for p in prompts],
+                       "is_test": [i % 8 == 7 for i in range(len(prompts))]})
+    scores = tmp_path / "scores.csv"
+    df.to_csv(scores, index=False)
+    rng = np.random.default_rng(0)
+    neurons = {"m28": list(range(n_units // 2)), "m29": list(range(n_units // 2))}
+    label_score = {f"('{L}', {i})": float(rng.normal()) for L, ids in neurons.items() for i in ids}
+    disc = tmp_path / "disc"
+    disc.mkdir()
+    entry = {"status": "ok", "circuit_id": 0, "circuit_label": "operator_addition >= 0.5", "target": "is_correct",
+             "coefficient_sign": "positive", "sampling_strategy": "random",
+             "metadata_topn": {"level": "neuron", "neurons": neurons, "neuron_label_score": label_score, "d_model": 576}}
+    skipped = {**entry, "circuit_id": 1, "circuit_label": "operator_addition < 0.5",
+               "metadata_topn": {"level": "neuron", "neurons": {}, "d_model": 576}}
+    (disc / "manifest.json").write_text(json.dumps([entry, skipped]))
+    (disc / "dataset_info.json").write_text(json.dumps({"scores_path": str(scores), "prompt_col": "prompt",
+                                                        "target_col": "is_correct", "ai_model": SMOLLM2}))
+    return disc, df
+
+
+def _run(argv):
+    import importlib
+
+    mod = importlib.import_module("6_analyze_bag_of_rules")
+    from lib.pipeline.cli import run_main
+
+    return run_main(mod.main, argv)
+
+
+def test_stage6_cli_writes_outputs_and_resumes(tmp_path, smollm2, capsys):
+    disc, df = _write_inputs(tmp_path, smollm2)
+    train = df[~df.is_test]
+    n_pos = int(train.is_correct.sum())
+    out = tmp_path / "out"
+    argv = ["--input_data_dir", str(disc), "--output_data_dir", str(out), "--device", "cpu", "--fast_ablation",
+            "--decode_only", "--mlp_neurons_only", "--sign_split_first", "--intervention", "mean-positional",
+            "--n_associated", "4", "--n_unrelated", "4", "--search_epsilon", "0.9", "--batch_size", "64",
+            "--points_to_use_for_mean_ablation", "16", "--baseline_subset", "all", "--seed", "1"]
+    assert _run(argv) == 0
+    for regime in ("positive", "negative"):
+        d = out / f"{regime}_baseline"
+        for name in ("rule_knockout.json", "neuron_buckets.json", "neuron_bucket_stats.json", "cost_summary.json"):
+            assert (d / name).is_file(), (regime, name)
+        rec = json.loads((d / "is_correct" / "rule_0000.json").read_text())
+        assert rec["baseline_subset"] == regime and rec["decode_only"] is True
+        if rec["status"] == "ok":
+            assert rec["cost"]["n_evaluations"] == len(rec["ablations"]) > 0
+            assert rec["cost"]["n_candidates"] == 24
+            sampled = df[~df.is_test].reset_index(drop=True)
+            sampled = sampled[sampled.is_correct == (regime == "positive")].reset_index(drop=True)
+            assert all(sampled.operator_addition.iloc[i] == 1.0 for i in rec["sampled_associated_indices"])
+            assert all(sampled.operator_addition.iloc[i] == 0.0 for i in rec["sampled_unrelated_indices"])
+            assert {"depth", "split", "max_effect", "max_effect_hat", "acc_after_knockout_on_associated_all"} <= set(rec["ablations"][0])
+        else:
+            assert rec["reason"] == "Insufficient associated or unrelated prompts"
+        skipped = json.loads((d / "is_correct" / "rule_0001.json").read_text())
+        assert skipped["status"] == "skipped" and skipped["reason"] == "No usable units found for this circuit."
+        knock = json.loads((d / "rule_knockout.json").read_text())
+        assert [k["circuit_id"] for k in knock] == [0, 1]
+    assert n_pos >= 0
+    first = (out / "negative_baseline" / "is_correct" / "rule_0000.json").read_text()
+    capsys.readouterr()
+    assert _run(argv) == 0
+    assert "reused" in capsys.readouterr().out
+    assert (out / "negative_baseline" / "is_correct" / "rule_0000.json").read_text() == first
+
+
+def test_stage6_cli_bad_input(tmp_path, smollm2, capsys):
+    assert _run(["--input_data_dir", str(tmp_path), "--output_data_dir", str(tmp_path / "o")]) == 2
+    assert "no manifest.json" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        _run(["--input_data_dir", str(tmp_path), "--output_data_dir", str(tmp_path / "o"), "--intervention", "resample"])
+    disc, _ = _write_inputs(tmp_path, smollm2)
+    code = _run(["--input_data_dir", str(disc), "--output_data_dir", str(tmp_path / "o2"), "--device", "cpu",
+                 "--baseline_subset", "positive", "--n_associated", "500", "--fast_ablation"])
+    assert code == 0
+    rec = json.loads((tmp_path / "o2" / "is_correct" / "rule_0000.json").read_text())
+    assert rec["status"] == "skipped" and "Insufficient" in rec["reason"]
+    assert _run(["--input_data_dir", str(disc), "--output_data_dir", str(tmp_path / "o3"),
+                 "--sampling_strategy", "plan"]) == 2
+    assert "--sampling_plan_path" in capsys.readouterr().err

@@ -1,0 +1,44 @@
+"""The layering of lib/ (`.importlinter`, docs/ARCHITECTURE.md) holds, and a breach of it is caught."""
+
+from __future__ import annotations
+
+import configparser
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+from tests.conftest import REPO
+
+LINT = [sys.executable, "-c", "import sys; from importlinter.cli import lint_imports_command; lint_imports_command()"]
+
+
+def _lint(root: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([*LINT, "--config", str(root / ".importlinter"), "--no-cache"], cwd=root,
+                          env={"PYTHONPATH": str(root), "PATH": "/usr/bin:/bin"}, capture_output=True, text=True,
+                          timeout=300)
+
+
+def test_lib_keeps_its_layers():
+    proc = _lint(REPO)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "1 kept, 0 broken" in proc.stdout
+
+
+def test_every_package_of_lib_is_in_a_layer():
+    cfg = configparser.ConfigParser()
+    cfg.read(REPO / ".importlinter")
+    layers = cfg["importlinter:contract:layers"]["layers"]
+    named = {p.strip() for line in layers.split("\n") for p in line.split("|") if p.strip()}
+    packages = {p.name for p in (REPO / "lib").iterdir() if (p / "__init__.py").is_file()}
+    assert named == packages
+
+
+def test_an_import_against_the_layers_fails(tmp_path):
+    shutil.copytree(REPO / "lib", tmp_path / "lib", ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copy(REPO / ".importlinter", tmp_path / ".importlinter")
+    with open(tmp_path / "lib" / "core" / "errors.py", "a", encoding="utf-8") as fh:
+        fh.write("\nfrom lib.pipeline.cli import run_main  # planted: core must not import the stage drivers\n")
+    proc = _lint(tmp_path)
+    assert proc.returncode != 0
+    assert "BROKEN" in proc.stdout and "lib.core.errors -> lib.pipeline.cli" in proc.stdout

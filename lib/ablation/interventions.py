@@ -14,11 +14,11 @@ from typing import Sequence
 import numpy as np
 import torch
 
+from lib.core.choices import INTERVENTIONS
 from lib.ablation.engine import AblationEngine, ReplacementValues
 
 __all__ = ["INTERVENTIONS", "MeanRecorder", "DonorRecorder", "estimate_replacements", "donor_choice"]
 
-INTERVENTIONS = ("zero", "mean", "mean-positional", "mean-donor", "mean-donor-positional")
 
 
 class MeanRecorder:

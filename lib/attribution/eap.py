@@ -24,6 +24,8 @@ from typing import Any, Callable, Iterator, Sequence
 import torch
 from tqdm.auto import tqdm
 
+from lib.core.choices import ATTRIBUTION_INTERVENTIONS as INTERVENTIONS, ATTRIBUTION_METRICS as METRICS, DECODE_MODES, TEMPORAL_AGGS
+
 __all__ = [
     "METHODS",
     "UNSUPPORTED_METHODS",
@@ -53,10 +55,6 @@ __all__ = [
 
 METHODS = ("EAP", "EAP-IG", "EAP-IG-inputs")
 UNSUPPORTED_METHODS = ("EAP-IG-activations", "clean-corrupted", "information-flow-routes", "exact")
-INTERVENTIONS = ("patching", "zero", "mean", "mean-positional")
-METRICS = ("answer_logprob", "kl")
-TEMPORAL_AGGS = ("none", "mean", "max", "min")
-DECODE_MODES = ("auto", "span", "after_prompt", "all")
 _EPS = 1e-9
 
 

@@ -22,6 +22,8 @@ __all__ = [
     "ArtifactError",
     "set_deterministic",
     "atomic_path",
+    "default_file_mode",
+    "default_dir_mode",
     "write_csv_atomic",
     "atomic_write_bytes",
     "atomic_write_text",
@@ -69,9 +71,29 @@ def ensure_writable_dir(path: str | Path, what: str = "output folder") -> Path:
     return p
 
 
+def default_file_mode() -> int:
+    """The mode a plain `open(path, "w")` gives a new file: 0o666 less the process umask."""
+    return 0o666 & ~_umask()
+
+
+def default_dir_mode() -> int:
+    """The mode a plain `mkdir` gives a new folder: 0o777 less the process umask."""
+    return default_file_mode() | ((0o111 & ~_umask()))
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:
-    """Yield a temporary path beside `path`; rename it onto `path` only if the block succeeds."""
+    """Yield a temporary path beside `path`; rename it onto `path` only if the block succeeds.
+
+    The file gets the mode a plain `open` would give (umask honoured), not mkstemp's private 0600,
+    so colleagues on a shared file system can read the artifacts.
+    """
     final = Path(path)
     ensure_writable_dir(final.parent if str(final.parent) else ".", "folder of " + str(final))
     fd, tmp = tempfile.mkstemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent or ".")
@@ -79,6 +101,8 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     tmp_path = Path(tmp)
     try:
         yield tmp_path
+        if tmp_path.exists():
+            os.chmod(tmp_path, default_file_mode())
         os.replace(tmp_path, final)
     finally:
         if tmp_path.exists():

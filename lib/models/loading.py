@@ -22,7 +22,8 @@ from typing import Any
 import safetensors.torch
 import torch
 
-from lib.core.files_and_cache import file_digest
+from lib.core.choices import DEVICES, DTYPES as DTYPE_CHOICES
+from lib.core.files_and_cache import default_dir_mode, file_digest
 from lib.models.resolution import EMBEDDED_MODELS, ModelResolutionError, ModelSource, resolve_model_source
 
 __all__ = [
@@ -73,9 +74,9 @@ class LoadedModel:
 
 def add_model_arguments(parser: Any) -> None:
     """The `--device` and `--dtype` flags shared by every stage that loads the analysed model."""
-    parser.add_argument("--device", choices=["auto", "cpu", "cuda", "mps"], default="auto",
+    parser.add_argument("--device", choices=DEVICES, default="auto",
                         help="where to run the analysed model (auto: cuda > mps > cpu)")
-    parser.add_argument("--dtype", choices=["auto", *DTYPES], default="auto",
+    parser.add_argument("--dtype", choices=DTYPE_CHOICES, default="auto",
                         help="weights/activation dtype (auto: float32, as TransformerLens uses)")
 
 
@@ -154,6 +155,7 @@ def _converted_gguf_folder(source: ModelSource, root: Path) -> Path:
         getattr(model, "generation_config", None) and model.generation_config.save_pretrained(tmp)
         safetensors.torch.save_model(model, str(tmp / "model.safetensors"))
         tok.save_pretrained(tmp)
+        os.chmod(tmp, default_dir_mode())  # mkdtemp's folder is private; honour the umask like mkdir
         try:
             os.replace(tmp, folder)
         except OSError:  # another process finished first

@@ -2,17 +2,21 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import sys
-from typing import Callable
+from pathlib import Path
+from typing import Callable, Iterable, Iterator
 
 from lib.core.errors import UsageError
 from lib.core.files_and_cache import ArtifactError
 from lib.models.resolution import ModelResolutionError
+from lib.pipeline.config import StageConfig, config_as_dict
+from lib.runs.manifest import now_iso, record_stage
 from lib.tasks.base import TaskError
 
-__all__ = ["UsageError", "USER_ERRORS", "run_main"]
+__all__ = ["UsageError", "USER_ERRORS", "run_main", "recorded_stage"]
 
 
 USER_ERRORS = (UsageError, ArtifactError, TaskError, ModelResolutionError)
@@ -32,3 +36,15 @@ def run_main(main: Callable[[list[str] | None], int | None], argv: list[str] | N
     except KeyboardInterrupt:
         print(f"{prog}: interrupted; rerun the same command to resume", file=sys.stderr)
         return 130
+
+
+@contextlib.contextmanager
+def recorded_stage(stage: str, cfg: StageConfig, folders: Callable[[], Iterable[str | Path]]) -> Iterator[None]:
+    """Run a stage's work; when it succeeds, record it in `run_manifest.json` of each output folder.
+
+    `folders` is called after the work, so it may name folders the stage created. A failing stage
+    records nothing (it must leave no new file behind).
+    """
+    started = now_iso()
+    yield
+    record_stage(folders(), stage, config=config_as_dict(cfg), started=started)

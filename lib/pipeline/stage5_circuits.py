@@ -23,6 +23,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from lib.core.choices import CIRCUIT_LEVELS
 from lib.pipeline.feature_table import AnalysisTable, load_analysis_table, load_primary_rules, prompts_sha256, rule_mask
 from lib.core.files_and_cache import (ArtifactError, DiskCache, atomic_write_json, content_key,
                                        ensure_writable_dir, set_deterministic)
@@ -50,7 +51,7 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-LEVELS = ("neuron", "node")
+LEVELS = CIRCUIT_LEVELS
 SAMPLING_STRATEGIES = ("random", "plan")
 MEAN_CACHE_NAMESPACE = "stage5_mean_activations"
 

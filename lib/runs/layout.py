@@ -18,6 +18,8 @@ import sys
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
+from lib.core.choices import PLAIN_INTERVENTIONS, REGIMES
+
 __all__ = [
     "DEFAULT_CIRCUIT_SIZE",
     "DEFAULT_TAU",
@@ -40,8 +42,7 @@ __all__ = [
 
 DEFAULT_CIRCUIT_SIZE = 100000
 DEFAULT_TAU = 0.2
-BASELINE_SUBSETS = ("positive", "negative")
-_PLAIN_INTERVENTIONS = ("mean", "mean-positional")
+BASELINE_SUBSETS = REGIMES
 
 
 @dataclass(frozen=True)
@@ -84,7 +85,7 @@ def circuit_label(opts: RunOptions) -> str:
         parts.append(f"M{int(opts.circuit_size)}")
     if opts.decode_only:
         parts.append("decode_only")
-    if opts.intervention not in _PLAIN_INTERVENTIONS:
+    if opts.intervention not in PLAIN_INTERVENTIONS:
         parts.append(f"eval_{opts.intervention}")
     return "-".join(parts)
 
@@ -155,7 +156,7 @@ CANONICAL_ROLES: dict[str, tuple[RunOptions, str, str]] = {
 
 def _canonical_key(opts: RunOptions) -> RunOptions:
     """Options with the switches that do not define a role reset (decode-only, plain interventions)."""
-    interv = "mean-positional" if opts.intervention in _PLAIN_INTERVENTIONS else opts.intervention
+    interv = "mean-positional" if opts.intervention in PLAIN_INTERVENTIONS else opts.intervention
     disc = "random" if opts.split == "spectral" else opts.discovery_sampling
     return replace(opts, decode_only=True, intervention=interv, discovery_sampling=disc)
 

@@ -42,3 +42,20 @@ def test_an_import_against_the_layers_fails(tmp_path):
     proc = _lint(tmp_path)
     assert proc.returncode != 0
     assert "BROKEN" in proc.stdout and "lib.core.errors -> lib.pipeline.cli" in proc.stdout
+
+
+def test_every_module_has_a_test_module_or_names_its_tests():
+    """tests/ mirrors lib/: each module has tests/<package>/test_<module>.py, or its package's
+    docstring names the tests that cover it."""
+    import ast
+
+    missing = []
+    for pkg in sorted(p for p in (REPO / "lib").iterdir() if (p / "__init__.py").is_file()):
+        doc = ast.get_docstring(ast.parse((pkg / "__init__.py").read_text(encoding="utf-8"))) or ""
+        assert len(doc.splitlines()) >= 2, f"lib/{pkg.name}/__init__.py needs a docstring saying what lives there"
+        for mod in sorted(pkg.glob("*.py")):
+            if mod.name == "__init__.py" or (REPO / "tests" / pkg.name / f"test_{mod.name}").is_file():
+                continue
+            if f"`{mod.stem}`" not in doc and "every module here" not in doc:
+                missing.append(f"lib/{pkg.name}/{mod.name}")
+    assert not missing, f"modules without tests/<package>/test_<module>.py or a 'Tests:' line: {missing}"

@@ -1,1 +1,7 @@
-"""TODO"""
+"""Layer 5, the top: one driver per stage (`stageN_*.py`, each with its typed `StageNConfig`), the
+config framework, the CLI plumbing, the shared feature table and the pipeline runner (`run.py`).
+May import every package below it; nothing in lib/ imports it.
+
+Tests: `cli`, `stage1_answers`, `stage2_features`, `stage3_rules` by tests/cli/test_stage{1,2,3}_cli.py;
+`config` by tests/pipeline/test_config.py.
+"""

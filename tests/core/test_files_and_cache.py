@@ -287,3 +287,26 @@ def test_set_deterministic_large_seed():
     a = _draws()
     set_deterministic(2**40 + 5)
     assert _draws() == a
+
+
+@pytest.mark.parametrize("umask, mode", [(0o022, 0o644), (0o077, 0o600), (0o002, 0o664)])
+def test_atomic_writes_honour_the_umask_like_a_plain_open(tmp_path, umask, mode):
+    from lib.core.files_and_cache import atomic_write_json, atomic_write_pickle, default_dir_mode, write_csv_atomic
+    import pandas as pd
+
+    old = os.umask(umask)
+    try:
+        with open(tmp_path / "plain.txt", "w") as fh:
+            fh.write("x")
+        atomic_write_json(tmp_path / "a.json", {"a": 1})
+        atomic_write_pickle(tmp_path / "a.pkl", [1])
+        write_csv_atomic(pd.DataFrame({"a": [1]}), tmp_path / "a.csv")
+        (tmp_path / "plain_dir").mkdir()
+        dir_mode = default_dir_mode()
+    finally:
+        os.umask(old)
+    plain = stat.S_IMODE((tmp_path / "plain.txt").stat().st_mode)
+    assert plain == mode
+    for name in ("a.json", "a.pkl", "a.csv"):
+        assert stat.S_IMODE((tmp_path / name).stat().st_mode) == plain, name
+    assert dir_mode == stat.S_IMODE((tmp_path / "plain_dir").stat().st_mode)

@@ -38,6 +38,7 @@ __all__ = [
     "ReplacementValues",
     "PreparedPrompts",
     "AblationEngine",
+    "FirstStepScores",
     "normalise_group",
     "mlp_hook_name",
 ]
@@ -207,6 +208,45 @@ def _decoder_layers(model: LoadedModel) -> torch.nn.ModuleList | None:
     return layers if isinstance(layers, torch.nn.ModuleList) and len(layers) == model.n_layers else None
 
 
+@dataclass
+class _StepScores:
+    """First-step scores of one pack's rows (row order)."""
+
+    logprob: torch.Tensor  # [R] log-probability of the target token
+    margin: torch.Tensor  # [R] target logit minus the best other logit
+    argmax: torch.Tensor  # [R] greedy token
+
+    @staticmethod
+    def of(logits: torch.Tensor, targets: torch.Tensor | str, rows: torch.Tensor) -> "_StepScores":
+        """Scores from step-0 logits `[R, 1, V]`; `targets` per prompt of the chunk (indexed by `rows`)
+        or "greedy" (each row's own argmax, used to read the unablated reference)."""
+        last = logits[:, -1, :].float()
+        argmax = last.argmax(dim=-1)
+        tgt = argmax if isinstance(targets, str) else targets[rows]
+        lp = torch.log_softmax(last, dim=-1).gather(1, tgt[:, None])[:, 0]
+        t_logit = last.gather(1, tgt[:, None])[:, 0]
+        other = last.scatter(1, tgt[:, None], float("-inf")).max(dim=-1).values
+        return _StepScores(lp.cpu(), (t_logit - other).cpu(), argmax.cpu())
+
+
+@dataclass
+class FirstStepScores:
+    """Per prompt (prompt order) of one group: the target's log-probability and logit margin at the
+    first answer position, and the greedy first token there."""
+
+    logprob: torch.Tensor
+    margin: torch.Tensor
+    argmax_tokens: torch.Tensor
+
+    @staticmethod
+    def empty(n: int) -> "FirstStepScores":
+        return FirstStepScores(torch.full((n,), float("nan")), torch.full((n,), float("nan")),
+                               torch.full((n,), -1, dtype=torch.long))
+
+    def set(self, i: int, pack: "_StepScores", r: int) -> None:
+        self.logprob[i], self.margin[i], self.argmax_tokens[i] = pack.logprob[r], pack.margin[r], pack.argmax[r]
+
+
 class AblationEngine:
     """Greedy answers of prompts under many interventions, packed into full batches."""
 
@@ -264,7 +304,7 @@ class AblationEngine:
                    unit="prompt", disable=not progress, dynamic_ncols=True)
         answers = [""] * len(prepared.prompts)
         for chunk in prepared.chunks:
-            for j, text in enumerate(self._run_pack(chunk, [{}], ReplacementValues(), recorder)):
+            for j, text in enumerate(self._run_pack(chunk, [{}], ReplacementValues(), recorder)[0]):
                 answers[chunk.index[j]] = text
             bar.update(len(chunk.index))
         bar.close()
@@ -280,9 +320,26 @@ class AblationEngine:
     def generate(self, prepared: PreparedPrompts, groups: Sequence[Group | None],
                  replacement: ReplacementValues | None = None, progress: bool | str = False) -> list[list[str]]:
         """Answers `[len(groups)][len(prompts)]`; a `None` or empty group is the unablated model."""
+        return self.generate_scored(prepared, groups, replacement, progress)[0]
+
+    def first_tokens(self, prepared: PreparedPrompts) -> torch.Tensor:
+        """The unablated model's first answer token of every prompt (`[P]`, prompt order): the
+        reference whose log-probability `generate_scored` reports under each intervention."""
+        return self.generate_scored(prepared, [None], targets="greedy")[1][0].argmax_tokens
+
+    def generate_scored(self, prepared: PreparedPrompts, groups: Sequence[Group | None],
+                        replacement: ReplacementValues | None = None, progress: bool | str = False,
+                        targets: torch.Tensor | str | None = None) -> tuple[list[list[str]], list["FirstStepScores"] | None]:
+        """Answers, and with `targets` (a `[P]` tensor of token ids, or "greedy" for each row's own
+        first token) the first answer position's log-probability of the target and the logit margin
+        of the target over the best other token, per group and prompt: the continuous effect CHA
+        measures besides the binary flip. Scoring costs nothing extra: step 0 runs anyway."""
         repl = replacement or ReplacementValues("zero")
         norm = [normalise_group(g or {}, self.model.n_layers, self.model.d_model) for g in groups]
         answers: list[list[str]] = [[""] * len(prepared.prompts) for _ in norm]
+        P_all = len(prepared.prompts)
+        scores = None if targets is None else [FirstStepScores.empty(P_all) for _ in norm]
+        tgt_all = None if targets is None or isinstance(targets, str) else torch.as_tensor(targets, dtype=torch.long)
         total = len(norm) * len(prepared.prompts)
         bar = tqdm(total=total, desc=progress if isinstance(progress, str) else "group tests",
                    unit="gen", disable=not progress or total == 0, dynamic_ncols=True)
@@ -292,13 +349,19 @@ class AblationEngine:
             per_batch = max(1, self.batch_size // len(chunk.index))
             for start in range(0, len(norm), per_batch):
                 pack = order[start:start + per_batch]
-                texts = self._run_pack(chunk, [norm[g] for g in pack], repl)
+                tgt = None
+                if targets is not None:
+                    tgt = ("greedy" if tgt_all is None
+                           else tgt_all[torch.as_tensor(chunk.index)].to(self.model.device))
+                texts, first = self._run_pack(chunk, [norm[g] for g in pack], repl, targets=tgt)
                 for k, g in enumerate(pack):
                     for j, i in enumerate(chunk.index):
                         answers[g][i] = texts[k * len(chunk.index) + j]
+                        if scores is not None:
+                            scores[g].set(i, first, k * len(chunk.index) + j)
                 bar.update(len(pack) * len(chunk.index))
         bar.close()
-        return answers
+        return answers, scores
 
     def _intervention(self, groups: list[dict[int, list[int]]], P: int, repl: ReplacementValues) -> _BatchIntervention:
         """Masks and values for a pack: group k owns rows k·P … (k+1)·P−1."""
@@ -323,15 +386,17 @@ class AblationEngine:
 
     @torch.inference_mode()
     def _run_pack(self, chunk: _Chunk, groups: list[dict[int, list[int]]], repl: ReplacementValues,
-                  recorder: Recorder | None = None) -> list[str]:
-        """Greedy decode of every (group, prompt) row of one pack; texts in row order.
+                  recorder: Recorder | None = None, targets: torch.Tensor | str | None = None
+                  ) -> tuple[list[str], "_StepScores | None"]:
+        """Greedy decode of every (group, prompt) row of one pack; texts in row order, and the
+        first step's scores of `targets` (per prompt of the chunk, or "greedy") when asked.
 
         `recorder(layer, act, live_rows, step_index, real)` observes unablated activations of
         every hooked call (used to estimate mean replacement values)."""
         first = min((L for g in groups for L in g), default=0)
         if (recorder is None and self.decoder_layers is not None and first > 0
                 and chunk.cache is not None and chunk.cache.get_seq_length() > 0 and not self._permanent_hooks()):
-            return self._run_pack_skipping(chunk, groups, repl, first)
+            return self._run_pack_skipping(chunk, groups, repl, first, targets)
         P, G = len(chunk.index), len(groups)
         R = G * P
         dev = self.model.device
@@ -368,6 +433,8 @@ class AblationEngine:
                     logits = self.model.bridge(ids, **kwargs)
             else:
                 logits = self.model.bridge(ids, **kwargs)
+            if step == 0 and targets is not None:
+                first_scores = _StepScores.of(logits, targets, rows)
             nxt, keep = self._advance(logits, generated, n_done, live, step)
             if keep is None:
                 break
@@ -379,7 +446,7 @@ class AblationEngine:
             pos = pos[:, -1:] + 1
             step_index = step_index[:, -1:] + 1
             ids = nxt[keep][:, None]
-        return self._texts(generated, n_done)
+        return self._texts(generated, n_done), (first_scores if targets is not None else None)
 
     def _permanent_hooks(self) -> bool:
         """Whether permanent hooks sit on the bridge (steering, planted test units): they may carry
@@ -422,7 +489,8 @@ class AblationEngine:
 
     @torch.inference_mode()
     def _run_pack_skipping(self, chunk: _Chunk, groups: list[dict[int, list[int]]], repl: ReplacementValues,
-                           first: int) -> list[str]:
+                           first: int, targets: torch.Tensor | str | None = None
+                           ) -> tuple[list[str], "_StepScores | None"]:
         """`_run_pack` in decode-only mode with layers < `first` run once per class of rows.
 
         A class is a set of rows with the same prompt and the same tokens generated so far; all
@@ -456,6 +524,8 @@ class AblationEngine:
             with _SkippedLayers(self.decoder_layers, lower), self.model.bridge.hooks(fwd_hooks=hooks):
                 logits = self.model.bridge(resid, attention_mask=mask, position_ids=pos, past_key_values=high,
                                            **kwargs)
+            if step == 0 and targets is not None:
+                first_scores = _StepScores.of(logits, targets, rows)
             nxt, keep = self._advance(logits, generated, n_done, live, step)
             if keep is None:
                 break
@@ -476,4 +546,4 @@ class AblationEngine:
             mask = torch.cat([mask, torch.ones((len(live), 1), dtype=mask.dtype, device=dev)], dim=1)
             pos = pos + 1
             step_index = step_index + 1
-        return self._texts(generated, n_done)
+        return self._texts(generated, n_done), (first_scores if targets is not None else None)

@@ -189,3 +189,48 @@ def test_bad_groups_raise(smollm2):
         normalise_group({3: [576]}, smollm2.n_layers, smollm2.d_model)
     with pytest.raises(ValueError, match="unknown intervention"):
         estimate_replacements(AblationEngine(smollm2, 2), PROMPTS, "resample", {3: [1]})
+
+
+def reference_first_step(model, prompts, group, values):
+    """Log-softmax at the first answer position with `run_with_hooks` on the whole prompt (no cache):
+    the decode-only intervention there acts on the last prompt position, with table row 0."""
+    tok = model.tokenizer
+    out = []
+    for prompt in prompts:
+        ids = tok(prompt, return_tensors="pt")["input_ids"]
+
+        def make_hook(layer, units):
+            def hook(act, hook=None):
+                act = act.clone()
+                act[0, -1, units] = values[layer][0, units].to(act.dtype)
+                return act
+
+            return hook
+
+        hooks = [(mlp_hook_name(L), make_hook(L, u)) for L, u in group.items()]
+        with torch.inference_mode():
+            logits = model.bridge.run_with_hooks(ids, fwd_hooks=hooks)
+        out.append(torch.log_softmax(logits[0, -1].float(), -1))
+    return torch.stack(out)
+
+
+@pytest.mark.parametrize("layer_skip", [True, False])
+def test_first_step_scores_equal_a_plain_forward_pass(smollm2, positional_values, layer_skip):
+    eng = AblationEngine(smollm2, MAX_NEW, batch_size=8, stop_strings=("\n",), decode_only=True, layer_skip=layer_skip)
+    prepared = eng.prepare(PROMPTS)
+    repl = ReplacementValues("mean-positional", positional_values)
+    base_tokens = eng.first_tokens(prepared)
+    ref_base = reference_first_step(smollm2, PROMPTS, {}, positional_values)
+    assert torch.equal(base_tokens, ref_base.argmax(-1))
+    answers, scores = eng.generate_scored(prepared, GROUPS, repl, targets=base_tokens)
+    assert answers == eng.generate(prepared, GROUPS, repl), "scoring must not change the answers"
+    for group, sc in zip(GROUPS, scores):
+        ref = reference_first_step(smollm2, PROMPTS, group, positional_values)
+        want_lp = ref.gather(1, base_tokens[:, None])[:, 0]
+        torch.testing.assert_close(sc.logprob, want_lp, atol=2e-3, rtol=1e-3)
+        other = ref.scatter(1, base_tokens[:, None], float("-inf")).max(-1).values
+        torch.testing.assert_close(sc.margin, want_lp - other, atol=2e-3, rtol=1e-3)  # log-softmax keeps logit gaps
+        assert torch.equal(sc.argmax_tokens, ref.argmax(-1))
+    base_lp = ref_base.gather(1, base_tokens[:, None])[:, 0]
+    drops = torch.stack([base_lp - sc.logprob for sc in scores])
+    assert drops.abs().max() > 0.05, "the interventions should move the first-token log-probability"

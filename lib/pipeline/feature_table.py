@@ -18,7 +18,8 @@ import pandas as pd
 
 from lib.core.files_and_cache import ArtifactError
 from lib.tasks.base import TaskSpec
-from lib.rules.language import apply_rule_to_features, find_rule_files, load_rules
+from lib.rules.evaluation import apply_rule_to_features
+from lib.rules.rule_files import find_rule_files, load_rules
 
 __all__ = [
     "REGIMES",

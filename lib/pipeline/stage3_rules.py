@@ -10,9 +10,8 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import math
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 import pandas as pd

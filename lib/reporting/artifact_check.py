@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Sequence
 
 from lib.reporting.formatting import sort_key_task_model
-from lib.runs.results import find_model_dirs
+from lib.runs.discovery import find_model_dirs
 from lib.runs.layout import BASELINE_SUBSETS, ExperimentLayout, canonical_run_mode, parse_run_mode
 
 __all__ = ["Requirement", "DEFAULT_CHECK_ROLES", "artifact_requirements", "check_artifacts"]

@@ -19,16 +19,8 @@ from lib.core.files_and_cache import ArtifactError, write_csv_atomic
 from lib.reporting.formatting import sort_key_task_model
 from lib.reporting.plots import draw_ecdf, label_ecdf_axes, line_plot, pyplot, save_figure
 from lib.reporting.statistics import distribution_summary, fisher_combined_p, holm, mann_whitney, significance_stars
-from lib.runs.results import (
-    DEFAULT_MIN_COVERAGE,
-    RunResults,
-    find_run_dirs,
-    find_stats_dirs,
-    flip_columns_by_unit,
-    open_stats_source,
-    task_model_from_path,
-    union_flip,
-)
+from lib.runs.discovery import find_run_dirs, find_stats_dirs, open_stats_source, task_model_from_path
+from lib.runs.results import DEFAULT_MIN_COVERAGE, RunResults, flip_columns_by_unit, union_flip
 from lib.runs.layout import role_label
 
 __all__ = [

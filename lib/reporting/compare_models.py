@@ -14,14 +14,8 @@ import pandas as pd
 from lib.core.files_and_cache import ArtifactError, write_csv_atomic
 from lib.reporting.formatting import display_model, sort_key_task_model
 from lib.reporting.plots import bar_plot, ecdf_plot
-from lib.runs.results import (
-    DEFAULT_MIN_COVERAGE,
-    BaselineResults,
-    RunResults,
-    find_model_dirs,
-    find_run_dirs,
-    resolve_bag_dir,
-)
+from lib.runs.discovery import find_model_dirs, find_run_dirs, resolve_bag_dir
+from lib.runs.results import DEFAULT_MIN_COVERAGE, BaselineResults, RunResults
 from lib.runs.layout import role_label
 
 __all__ = ["compare_models"]

@@ -18,23 +18,20 @@ import pandas as pd
 
 from lib.core.files_and_cache import atomic_write_json, atomic_write_text, write_csv_atomic
 from lib.reporting.formatting import MAIN_TASKS, display_model, display_task, ratio_cell, sort_key_task_model, write_table
+from lib.runs.discovery import ModelDir, find_model_dirs, resolve_bag_dir, resolve_run_dir
 from lib.runs.results import (
     DEFAULT_HQ_THRESHOLD,
     DEFAULT_MIN_COVERAGE,
     SCOPE_LABELS,
     BaselineResults,
-    ModelDir,
     RunResults,
     count_at_least,
     dataset_baseline_rate,
     eap_neuron_scores,
-    find_model_dirs,
     flip_columns_by_unit,
     flip_matrix,
     load_discovery_manifest,
     main_metric_for_task,
-    resolve_bag_dir,
-    resolve_run_dir,
     union_flip,
 )
 from lib.runs.layout import (

@@ -19,16 +19,8 @@ import pandas as pd
 from lib.core.files_and_cache import ArtifactError, atomic_write_text, write_csv_atomic
 from lib.reporting.plots import count_heatmap, line_plot, pyplot, save_figure
 from lib.reporting.statistics import describe_sample
-from lib.runs.results import (
-    DEFAULT_MIN_COVERAGE,
-    BaselineResults,
-    RunResults,
-    count_at_least,
-    find_run_dirs,
-    layout_for_stats_root,
-    resolve_bag_dir,
-    task_model_from_path,
-)
+from lib.runs.discovery import find_run_dirs, layout_for_stats_root, resolve_bag_dir, task_model_from_path
+from lib.runs.results import DEFAULT_MIN_COVERAGE, BaselineResults, RunResults, count_at_least
 from lib.runs.layout import BASELINE_SUBSETS, ExperimentLayout, canonical_run_mode
 
 __all__ = ["SensitivityOptions", "summarize_sensitivity"]

@@ -18,9 +18,9 @@ from typing import Any, Sequence
 import pandas as pd
 
 from lib.core.files_and_cache import ArtifactError
+from lib.runs.checked_io import read_json_checked
 from lib.runs.results import (DEFAULT_HQ_THRESHOLD, DEFAULT_MIN_COVERAGE, SCOPE_LABELS, BaselineResults,
-                                RunResults, agonist_table, count_at_least, main_metric_for_task,
-                                read_json_checked)
+                              RunResults, agonist_table, count_at_least, main_metric_for_task)
 from lib.runs.layout import DEFAULT_TAU, ExperimentLayout, canonical_run_mode, parse_run_mode
 
 __all__ = ["summarize", "main"]

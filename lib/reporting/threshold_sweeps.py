@@ -18,14 +18,9 @@ from lib.core.files_and_cache import ArtifactError, write_csv_atomic
 from lib.reporting.paper_tables import TABLE2_ROLES
 from lib.reporting.formatting import to_latex
 from lib.reporting.statistics import holm, sign_test_p, signflip_test
-from lib.runs.results import (
-    DEFAULT_MIN_COVERAGE,
-    RunResults,
-    expand_score_scopes,
-    find_model_dirs,
-    read_csv_checked,
-    resolve_run_dir,
-)
+from lib.runs.checked_io import read_csv_checked
+from lib.runs.discovery import find_model_dirs, resolve_run_dir
+from lib.runs.results import DEFAULT_MIN_COVERAGE, RunResults, expand_score_scopes
 from lib.runs.layout import CANONICAL_ROLES, canonical_run_mode, role_label
 
 __all__ = ["COMPARISONS", "SweepStatsOptions", "load_sweep_csv", "threshold_sweep_stats"]

@@ -2,7 +2,7 @@
 on another.
 
 A literal's mask is its exact text (`rule_expression`, e.g. ``a < 3 & b >= 0.5`` or
-``NOT(a < 3)``) evaluated on the given table with :func:`lib.rules.language.evaluate_many`, so the
+``NOT(a < 3)``) evaluated on the given table with :func:`lib.rules.evaluation.evaluate_many`, so the
 rows scored here are exactly the rows any later stage selects by applying the same text. All
 confusion counts are integers; MCC and the other ratios are computed from them in float64.
 
@@ -27,7 +27,7 @@ import numpy as np
 import pandas as pd
 
 from lib.rules.metrics import binary_rule_metrics, mcc_from_counts, segmentation_stats
-from lib.rules.language import evaluate_many
+from lib.rules.evaluation import evaluate_many
 
 __all__ = [
     "find_best_or_combo",

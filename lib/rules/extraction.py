@@ -18,8 +18,6 @@ Also: `make_fake_targets` (§4 incorrect-rules control).
 
 from __future__ import annotations
 
-import argparse
-import json
 import logging
 import math
 from pathlib import Path
@@ -28,7 +26,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import pandas as pd
 
-from lib.core.files_and_cache import atomic_path, atomic_write_pickle, ensure_writable_dir, load_pickle, write_csv_atomic
+from lib.core.files_and_cache import atomic_write_pickle, ensure_writable_dir, load_pickle, write_csv_atomic
 from lib.rules.combos import DEFAULT_MIN_MCC_GAIN, find_best_or_combo, score_frozen_combo
 
 __all__ = [

@@ -1,5 +1,7 @@
-"""The one rule language of stages 3–7: data model, exact text form, parser, vectorised evaluation,
-and the rule-file loaders that stages 4–7 use.
+"""The one rule language of stages 3–7: its data types and their exact text form (writer and parser).
+
+The types and the syntax live together because each type's `str()` is its text. Evaluating rules on a
+table is `lib.rules.evaluation`; reading rule files is `lib.rules.rule_files`.
 
 Rules come from XGBoost paths. XGBoost sends a row to the "yes" child when
 ``float32(value) < float32(split_condition)``, so an atom built from a split is ``x < t`` (yes)
@@ -25,28 +27,17 @@ signs, exponents, ``number op feature``, a bare feature (meaning ``feature != 0`
 names, and (given the table's columns) unquoted column names containing spaces or symbols.
 Precedence: NOT binds tightest, then AND, then OR. No ``eval``/``DataFrame.query`` is used.
 
-Missing values follow IEEE comparisons: NaN makes ``<``, ``<=``, ``>``, ``>=``, ``==`` false and
-``!=`` true (as pandas did for the original's text); ``NOT`` complements the final mask. Stage 2
-imputes features, so NaN is rare.
 """
 
 from __future__ import annotations
 
-import difflib
 import functools
-import glob
-import json
 import math
 import re
-from collections import OrderedDict
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Any, Iterable, Iterator, Mapping, NamedTuple, Sequence, Union
+from typing import Any, Iterable, Iterator, NamedTuple, Sequence, Union
 
 import numpy as np
-import pandas as pd
-
-from lib.core.files_and_cache import ArtifactError
 
 __all__ = [
     "OPS",
@@ -59,7 +50,6 @@ __all__ = [
     "Not",
     "Expr",
     "RuleSyntaxError",
-    "UnknownColumnError",
     "format_threshold",
     "format_feature",
     "format_expression",
@@ -67,16 +57,8 @@ __all__ = [
     "parse_rule",
     "parse_literal",
     "iter_atoms",
-    "RuleEvaluator",
-    "evaluate",
-    "evaluate_many",
-    "find_rule_files",
-    "load_rules",
-    "apply_rule_to_features",
-    "detect_prompt_col",
-    "guess_filetype",
-    "RULE_TEXT_COLUMNS",
-    "PROMPT_COLUMNS",
+    "special_names",
+    "parse_with_special_names",
 ]
 
 OPS: tuple[str, ...] = ("<", ">=", "<=", ">", "==", "!=")
@@ -556,7 +538,7 @@ def _as_combo(node: Expr) -> Combo | None:
     return Combo(tuple(lits))  # type: ignore[arg-type]
 
 
-def _special_names(columns: Iterable[Any] | None) -> list[str]:
+def special_names(columns: Iterable[Any] | None) -> list[str]:
     """Column names the generic lexer would split (spaces, symbols), longest first."""
     if columns is None:
         return []
@@ -575,10 +557,10 @@ def parse_expression(text: str, columns: Iterable[Any] | None = None) -> Expr:
     """Parse rule text. Rule/literal/combo-shaped text (every original and every text we write)
     gives a `Combo`; anything else a general And/Or/Not/Atom tree. `columns` (optional) lets
     unquoted column names with spaces or symbols be read as names."""
-    return _parse(text, _special_names(columns))
+    return parse_with_special_names(text, special_names(columns))
 
 
-def _parse(text: str, special_names: Sequence[str]) -> Expr:
+def parse_with_special_names(text: str, special_names: Sequence[str]) -> Expr:
     if not isinstance(text, str):
         raise TypeError(f"rule text must be a string, got {type(text).__name__}")
     node = _Parser(text, special_names).parse()
@@ -620,308 +602,3 @@ def iter_atoms(expr: Expr) -> Iterator[Atom]:
         yield from iter_atoms(expr.item)
     else:
         raise TypeError(f"not a rule expression: {type(expr).__name__}")
-
-
-# --------------------------------------------------------------------------------------------
-# Evaluation
-# --------------------------------------------------------------------------------------------
-
-
-class UnknownColumnError(ValueError, LookupError):
-    """A rule names a column the table does not have (message lists near matches)."""
-
-
-Table = Union[pd.DataFrame, Mapping[str, Any]]
-
-_COMPARE = {
-    "<": np.less,
-    "<=": np.less_equal,
-    ">": np.greater,
-    ">=": np.greater_equal,
-    "==": np.equal,
-    "!=": np.not_equal,
-}
-
-
-class RuleEvaluator:
-    """Evaluates rule objects/texts on one table, caching float32 columns and atom masks.
-
-    Masks are boolean arrays over all rows. Atom masks are kept in an LRU cache bounded by
-    `max_cache_bytes`, so thousands of rules that share atoms (paths of one tree ensemble)
-    cost one comparison per distinct atom."""
-
-    def __init__(self, table: Table, max_cache_bytes: int = 512 * 2**20) -> None:
-        if isinstance(table, pd.DataFrame):
-            if table.columns.has_duplicates:
-                dups = sorted({str(c) for c in table.columns[table.columns.duplicated()]})
-                raise ValueError(f"table has duplicate column names: {', '.join(dups)}")
-            self._columns = {str(c): c for c in table.columns}
-            self.n_rows = len(table)
-        else:
-            self._columns = {str(c): c for c in table.keys()}
-            lengths = {len(np.asarray(v).reshape(-1)) for v in table.values()}
-            if len(lengths) > 1:
-                raise ValueError(f"table columns have different lengths: {sorted(lengths)}")
-            self.n_rows = lengths.pop() if lengths else 0
-        self._table = table
-        self._float32: dict[str, np.ndarray] = {}
-        self._atoms: OrderedDict[Atom, np.ndarray] = OrderedDict()
-        self._texts: dict[str, Expr] = {}
-        self._special: list[str] | None = None
-        self._max_atoms = max(16, int(max_cache_bytes) // max(1, self.n_rows))
-
-    @property
-    def columns(self) -> list[str]:
-        return list(self._columns)
-
-    def column(self, name: str) -> np.ndarray:
-        """The column as float32 (XGBoost's arithmetic); NaN for missing values."""
-        arr = self._float32.get(name)
-        if arr is not None:
-            return arr
-        if name not in self._columns:
-            near = difflib.get_close_matches(name, list(self._columns), n=5, cutoff=0.6)
-            if near:
-                hint = "close matches: " + ", ".join(repr(c) for c in near)
-            else:
-                some = list(self._columns)[:20]
-                hint = "available columns: " + (", ".join(repr(c) for c in some) or "none")
-                if len(self._columns) > 20:
-                    hint += f", … ({len(self._columns)} in all)"
-            raise UnknownColumnError(f"rule refers to unknown column {name!r}; {hint}")
-        raw = self._table[self._columns[name]]
-        try:
-            with np.errstate(over="ignore", invalid="ignore"):
-                if isinstance(raw, pd.Series):
-                    arr = raw.to_numpy(dtype=np.float32, na_value=np.nan)
-                else:
-                    arr = np.asarray(raw).reshape(-1)
-                    if arr.dtype == object:
-                        arr = pd.Series(arr).to_numpy(dtype=np.float32, na_value=np.nan)
-                    else:
-                        arr = arr.astype(np.float32)
-        except (TypeError, ValueError) as exc:
-            raise ValueError(f"column {name!r} used in a rule is not numeric: {exc}") from None
-        arr = np.ascontiguousarray(arr, dtype=np.float32)
-        arr.flags.writeable = False
-        self._float32[name] = arr
-        return arr
-
-    def atom_mask(self, atom: Atom) -> np.ndarray:
-        """Read-only mask of one atom: float32(column) op float32(threshold)."""
-        mask = self._atoms.get(atom)
-        if mask is not None:
-            self._atoms.move_to_end(atom)
-            return mask
-        col = self.column(atom.feature)
-        mask = _COMPARE[atom.op](col, np.float32(atom.threshold))
-        mask.flags.writeable = False
-        self._atoms[atom] = mask
-        if len(self._atoms) > self._max_atoms:
-            self._atoms.popitem(last=False)
-        return mask
-
-    def parse(self, text: str) -> Expr:
-        """Parse with this table's column names known; parsed texts are cached."""
-        expr = self._texts.get(text)
-        if expr is None:
-            if self._special is None:
-                self._special = _special_names(self._columns)
-            expr = _parse(text, self._special)
-            self._texts[text] = expr
-        return expr
-
-    def _rule_mask(self, atoms: Sequence[Atom]) -> np.ndarray:
-        if not atoms:
-            return np.ones(self.n_rows, dtype=bool)
-        out = self.atom_mask(atoms[0]).copy()
-        for a in atoms[1:]:
-            np.logical_and(out, self.atom_mask(a), out=out)
-        return out
-
-    def mask(self, expr: Expr | str) -> np.ndarray:
-        """Fresh boolean mask (length n_rows) of an expression object or rule text."""
-        if isinstance(expr, str):
-            expr = self.parse(expr)
-        if isinstance(expr, Atom):
-            return self.atom_mask(expr).copy()
-        if isinstance(expr, Rule):
-            return self._rule_mask(expr.atoms)
-        if isinstance(expr, Literal):
-            m = self._rule_mask(expr.rule.atoms)
-            return np.logical_not(m, out=m) if expr.negated else m
-        if isinstance(expr, Combo):
-            out = np.zeros(self.n_rows, dtype=bool)
-            for lit in expr.literals:
-                np.logical_or(out, self.mask(lit), out=out)
-            return out
-        if isinstance(expr, And):
-            out = np.ones(self.n_rows, dtype=bool)
-            for it in expr.items:
-                np.logical_and(out, self.mask(it), out=out)
-            return out
-        if isinstance(expr, Or):
-            out = np.zeros(self.n_rows, dtype=bool)
-            for it in expr.items:
-                np.logical_or(out, self.mask(it), out=out)
-            return out
-        if isinstance(expr, Not):
-            m = self.mask(expr.item)
-            return np.logical_not(m, out=m)
-        raise TypeError(f"not a rule expression: {type(expr).__name__}")
-
-
-def evaluate(expr: Expr | str, table: Table) -> np.ndarray:
-    """Boolean mask over the table's rows of one expression object or rule text."""
-    return RuleEvaluator(table).mask(expr)
-
-
-def evaluate_many(exprs: Sequence[Expr | str], table: Table) -> np.ndarray:
-    """Masks of many expressions as a bool matrix (n_rows, n_exprs); atoms are compared once."""
-    ev = RuleEvaluator(table)
-    out = np.empty((ev.n_rows, len(exprs)), dtype=bool)
-    for j, expr in enumerate(exprs):
-        out[:, j] = ev.mask(expr)
-    return out
-
-
-# --------------------------------------------------------------------------------------------
-# Rule files (the original loader API, without pandas.query)
-# --------------------------------------------------------------------------------------------
-
-RULE_TEXT_COLUMNS: tuple[str, ...] = ("string_rule", "rule_string", "expr", "rule_expression", "expression")
-PROMPT_COLUMNS: tuple[str, ...] = ("prompt", "input", "text", "question", "query")
-
-
-def find_rule_files(directory: str | Path, prefix: str) -> list[tuple[str, Path]]:
-    """(target_name, path) for every `<prefix>_*.csv` in `directory`, sorted by file name.
-
-    The target name is what follows `<prefix>_`, so `optimal_rule_set` also yields the pseudo
-    targets `test_selected_<t>` and `all_fit_<t>`; callers keep the exact target they want.
-    A missing folder gives an empty list (as the original's glob did)."""
-    d = Path(directory)
-    pattern = str(d / (glob.escape(prefix) + "_*.csv"))
-    out = []
-    for p in sorted(glob.glob(pattern), key=lambda s: Path(s).name):
-        name = Path(p).name
-        out.append((name[len(prefix) + 1 : -len(".csv")], Path(p)))
-    return out
-
-
-def guess_filetype(path: str | Path) -> str:
-    """'csv', 'tsv', 'json', 'jsonl', 'parquet' or 'pickle' from the extension; unknown
-    extensions are sniffed ('json' if the file starts with '{' or '[', else 'csv')."""
-    p = Path(path)
-    suffixes = [s.lower() for s in p.suffixes]
-    ext = suffixes[-1] if suffixes else ""
-    if ext in (".gz", ".bz2", ".xz", ".zip") and len(suffixes) > 1:
-        ext = suffixes[-2]
-    by_ext = {
-        ".csv": "csv",
-        ".tsv": "tsv",
-        ".tab": "tsv",
-        ".json": "json",
-        ".jsonl": "jsonl",
-        ".ndjson": "jsonl",
-        ".parquet": "parquet",
-        ".pq": "parquet",
-        ".pkl": "pickle",
-        ".pickle": "pickle",
-    }
-    if ext in by_ext:
-        return by_ext[ext]
-    try:
-        with open(p, "rb") as fh:
-            head = fh.read(256).lstrip()
-    except OSError:
-        return "csv"
-    return "json" if head[:1] in (b"{", b"[") else "csv"
-
-
-def _read_rule_table(p: Path) -> pd.DataFrame:
-    kind = guess_filetype(p)
-    try:
-        if kind == "csv":
-            return pd.read_csv(p)
-        if kind == "tsv":
-            return pd.read_csv(p, sep="\t")
-        if kind == "jsonl":
-            return pd.read_json(p, lines=True)
-        if kind == "json":
-            data = json.loads(p.read_text(encoding="utf-8"))
-            if isinstance(data, dict) and "rules" in data:
-                data = data["rules"]
-            if isinstance(data, list):
-                if all(isinstance(x, str) for x in data):
-                    return pd.DataFrame({"rule": data})
-                if all(isinstance(x, dict) for x in data):
-                    return pd.DataFrame.from_records(data)
-                raise ArtifactError(f"rules file '{p}': 'rules' must be a list of strings or objects")
-            if isinstance(data, dict):
-                return pd.DataFrame(data)
-            raise ArtifactError(f"rules file '{p}' holds {type(data).__name__}, not rules")
-        if kind == "parquet":
-            return pd.read_parquet(p)
-        return pd.read_pickle(p)
-    except ArtifactError:
-        raise
-    except pd.errors.EmptyDataError:
-        raise ArtifactError(f"rules file '{p}' is empty (not even a header)") from None
-    except (ValueError, OSError, json.JSONDecodeError, pd.errors.ParserError) as exc:
-        raise ArtifactError(f"cannot read rules file '{p}': {exc}") from None
-
-
-def load_rules(path: str | Path) -> pd.DataFrame:
-    """Rules of a CSV/JSON file as columns `rule_id`, `rule`, `coefficient_sign`, `component_type`.
-
-    Rule text comes from `rule`, else the first of `RULE_TEXT_COLUMNS` (then every row is a
-    positive rule). Missing `rule_id` → row position 0..k−1; missing sign/type → positive/rule.
-    A header-only file gives zero rows (an empty selection)."""
-    p = Path(path)
-    if not p.is_file():
-        raise ArtifactError(f"rules file '{p}' does not exist")
-    df = _read_rule_table(p)
-    out = pd.DataFrame(index=range(len(df)))
-    if "rule" in df.columns:
-        out["rule"] = df["rule"].to_numpy()
-        sign = df["coefficient_sign"].to_numpy() if "coefficient_sign" in df.columns else "positive"
-        ctype = df["component_type"].to_numpy() if "component_type" in df.columns else "rule"
-    else:
-        src = next((c for c in RULE_TEXT_COLUMNS if c in df.columns), None)
-        if src is None:
-            raise ArtifactError(
-                f"rules file '{p}' has no rule column (looked for 'rule', "
-                f"{', '.join(repr(c) for c in RULE_TEXT_COLUMNS)}); it has: "
-                f"{', '.join(repr(str(c)) for c in df.columns) or 'no columns'}"
-            )
-        out["rule"] = df[src].to_numpy()
-        sign, ctype = "positive", "rule"
-    bad = [i for i, r in enumerate(out["rule"]) if not isinstance(r, str) or not r.strip()]
-    if bad:
-        raise ArtifactError(f"rules file '{p}': empty rule text in row(s) {', '.join(map(str, bad[:10]))}")
-    out["rule_id"] = df["rule_id"].to_numpy() if "rule_id" in df.columns else np.arange(len(df))
-    out["coefficient_sign"] = sign
-    out["component_type"] = ctype
-    return out[["rule_id", "rule", "coefficient_sign", "component_type"]]
-
-
-def apply_rule_to_features(rule_text: str, table: Table, direction: str = "positive") -> np.ndarray:
-    """Boolean mask of the rows where `rule_text` holds; complemented unless `direction` is
-    "positive" (case-insensitive). Raises RuleSyntaxError / UnknownColumnError on bad rules."""
-    mask = evaluate(rule_text, table)
-    if str(direction).strip().lower() != "positive":
-        np.logical_not(mask, out=mask)
-    return mask
-
-
-def detect_prompt_col(df: pd.DataFrame) -> str | None:
-    """The first of prompt/input/text/question/query present (exact name, then any case)."""
-    cols = [str(c) for c in df.columns]
-    for name in PROMPT_COLUMNS:
-        if name in cols:
-            return name
-    lower = {c.lower(): c for c in reversed(cols)}
-    for name in PROMPT_COLUMNS:
-        if name in lower:
-            return lower[name]
-    return None

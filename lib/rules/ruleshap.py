@@ -33,7 +33,8 @@ import numpy as np
 import pandas as pd
 
 from lib.rules.metrics import binary_rule_metrics_matrix, segmentation_stats_matrix
-from lib.rules.language import Atom, Literal, Rule, evaluate_many, format_expression, format_feature
+from lib.rules.language import Atom, Literal, Rule, format_expression, format_feature
+from lib.rules.evaluation import evaluate_many
 
 __all__ = [
     "RuleSHAP",
@@ -349,7 +350,7 @@ class RuleSHAP:
             raise RuntimeError("RuleSHAP is not fitted; call fit() first")
 
     def transform(self, X: pd.DataFrame) -> np.ndarray:
-        """Rule activation matrix Z (n_rows × n_rules, bool) via text_and_rules.evaluate_many."""
+        """Rule activation matrix Z (n_rows × n_rules, bool) via lib.rules.evaluation.evaluate_many."""
         self._check_fitted()
         Xp = self._prepare(X)
         if not self.rules_:

@@ -183,7 +183,7 @@ def test_single_class_target_on_train_rows(tmp_path):
     res = stage3("--features_scores_dir", str(d), "--rules_dir", str(out))
     assert res.returncode == 0, res.stderr
     assert "single class" in res.stdout
-    from lib.rules.language import load_rules
+    from lib.rules.rule_files import load_rules
 
     assert len(load_rules(out / "optimal_rule_set_is_correct.csv")) == 0
     assert "single class" in json.loads((out / "rule_extraction_skipped_is_correct.json").read_text())["reason"]
@@ -237,7 +237,7 @@ class _AtomRules:
         return self
 
     def get_rules(self, X, y):
-        from lib.rules.language import evaluate_many
+        from lib.rules.evaluation import evaluate_many
 
         F = evaluate_many(self.texts, X)
         yb = np.asarray(y) >= 0.5

@@ -21,23 +21,16 @@ from lib.rules.language import (
     Combo,
     Literal,
     Rule,
-    RuleEvaluator,
     RuleSyntaxError,
-    UnknownColumnError,
-    apply_rule_to_features,
-    detect_prompt_col,
-    evaluate,
-    evaluate_many,
-    find_rule_files,
     format_expression,
     format_threshold,
-    guess_filetype,
     iter_atoms,
-    load_rules,
     parse_expression,
     parse_literal,
     parse_rule,
 )
+from lib.rules.evaluation import RuleEvaluator, UnknownColumnError, apply_rule_to_features, evaluate, evaluate_many
+from lib.rules.rule_files import detect_prompt_col, find_rule_files, guess_filetype, load_rules
 
 # ------------------------------------------------------------------ reference semantics (test only)
 

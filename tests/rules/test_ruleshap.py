@@ -17,7 +17,8 @@ from lib.rules.ruleshap import (
     REGRESSION_METRIC_COLUMNS,
     RuleSHAP,
 )
-from lib.rules.language import evaluate, parse_literal
+from lib.rules.language import parse_literal
+from lib.rules.evaluation import evaluate
 
 N_EST = 50
 

@@ -7,6 +7,8 @@ import pandas as pd
 import pytest
 
 from lib.core.files_and_cache import ArtifactError
+from lib.runs.checked_io import read_csv_checked
+from lib.runs.discovery import find_model_dirs, layout_for_stats_root, resolve_run_dir, task_model_from_path
 from lib.runs.results import (
     BaselineResults,
     RunResults,
@@ -14,14 +16,9 @@ from lib.runs.results import (
     circuit_evaluations,
     count_at_least,
     expand_score_scopes,
-    find_model_dirs,
-    layout_for_stats_root,
     normalize_scope,
     parse_flip_column,
-    read_csv_checked,
-    resolve_run_dir,
     scope_from_rule_combo_filename,
-    task_model_from_path,
     union_flip,
 )
 from lib.runs.layout import ExperimentLayout, parse_run_mode

@@ -13,6 +13,7 @@ __all__ = [
     "AttributionMetric", "ATTRIBUTION_METRICS", "CircuitLevel", "CIRCUIT_LEVELS",
     "BaselineSubset", "BASELINE_SUBSET_CHOICES", "RegimeSubset", "REGIMES", "SamplingStrategy", "SAMPLING_STRATEGIES",
     "TemporalAgg", "TEMPORAL_AGGS", "DecodeMode", "DECODE_MODES",
+    "SpectralSpace", "SPECTRAL_SPACES", "RepPooling", "REP_POOLINGS", "RuleQualityMetric", "RULE_QUALITY_METRICS",
 ]
 
 DEFAULT_SEED = 42
@@ -63,3 +64,14 @@ TEMPORAL_AGGS: tuple[str, ...] = get_args(TemporalAgg)
 
 DecodeMode = Literal["auto", "span", "after_prompt", "all"]
 DECODE_MODES: tuple[str, ...] = get_args(DecodeMode)
+
+SpectralSpace = Literal["hidden", "logits"]
+SPECTRAL_SPACES: tuple[str, ...] = get_args(SpectralSpace)
+"""Representation spaces of the spectral flags (stages 4, 5 and 7; `lib.sampling.spectral`)."""
+
+RepPooling = Literal["last", "mean"]
+REP_POOLINGS: tuple[str, ...] = get_args(RepPooling)
+
+RuleQualityMetric = Literal["balanced_accuracy", "mcc", "tpr", "tnr", "f1"]
+RULE_QUALITY_METRICS: tuple[str, ...] = get_args(RuleQualityMetric)
+"""Stage 7's `--threshold_metric` / `--rule_quality_metric` (the keys of `lib.anchoring.rules.QUALITY_COLUMNS`)."""

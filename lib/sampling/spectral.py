@@ -22,6 +22,7 @@ from tqdm.auto import tqdm
 
 from lib.core.files_and_cache import ArtifactError, DiskCache, content_key
 from lib.core.errors import UsageError
+from lib.core.choices import REP_POOLINGS, SPECTRAL_SPACES
 
 __all__ = [
     "SPECTRAL_SPACES",
@@ -53,8 +54,6 @@ __all__ = [
     "check_pair_metric",
 ]
 
-SPECTRAL_SPACES = ("hidden", "logits")
-REP_POOLINGS = ("last", "mean")
 DEFAULT_REP_HOOK = "ln_final.hook_normalized"
 PAIR_CHUNK = 4096  # target rows per distance block in NN pairing (spec §5)
 CDIST_NAN = 1e30  # a NaN SciPy distance counts as "very far" (spec §5)

@@ -56,7 +56,8 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
 from lib.rules.combos import find_best_or_combo, score_frozen_combo  # noqa: E402
-from lib.rules.language import Combo, Literal, format_expression, parse_expression  # noqa: E402
+from lib.rules.expressions import Combo, Literal  # noqa: E402
+from lib.rules.language import format_expression, parse_expression  # noqa: E402
 from lib.rules.evaluation import evaluate_many  # noqa: E402
 
 

@@ -1,5 +1,6 @@
 """Vectorised evaluation of rule expressions (objects or text) on a feature table: boolean row masks,
-with float32 comparisons so a rule selects exactly the rows it was scored on.
+with float32 comparisons so a rule selects exactly the rows it was scored on. A module of its own
+because it alone needs a table and keeps per-table state (`RuleEvaluator`'s column and atom caches).
 
 Missing values follow IEEE comparisons: NaN makes ``<``, ``<=``, ``>``, ``>=``, ``==`` false and
 ``!=`` true (as pandas did for the original's text); ``NOT`` complements the final mask. Stage 2
@@ -15,21 +16,10 @@ from typing import Any, Mapping, Sequence, Union
 import numpy as np
 import pandas as pd
 
-from lib.rules.language import (
-    And,
-    Atom,
-    Combo,
-    Expr,
-    Literal,
-    Not,
-    Or,
-    Rule,
-    parse_with_special_names,
-    special_names,
-)
+from lib.rules.expressions import And, Atom, Combo, Expr, Literal, Not, Or, Rule
+from lib.rules.language import parse_with_special_names, special_names
 
 __all__ = ["UnknownColumnError", "RuleEvaluator", "evaluate", "evaluate_many", "apply_rule_to_features", "Table"]
-
 
 
 class UnknownColumnError(ValueError, LookupError):

@@ -1,7 +1,9 @@
-"""The one rule language of stages 3–7: its data types and their exact text form (writer and parser).
+"""The text form of the rule language of stages 3–7: writing rule objects (`lib.rules.expressions`)
+as exact text, and parsing text — ours and the original's — back into them.
 
-The types and the syntax live together because each type's `str()` is its text. Evaluating rules on a
-table is `lib.rules.evaluation`; reading rule files is `lib.rules.rule_files`.
+A module of its own because the grammar below, its writer and its parser change together, and only
+they depend on it.
+Evaluating rules on a table is `lib.rules.evaluation`; reading rule files is `lib.rules.rule_files`.
 
 Rules come from XGBoost paths. XGBoost sends a row to the "yes" child when
 ``float32(value) < float32(split_condition)``, so an atom built from a split is ``x < t`` (yes)
@@ -26,7 +28,6 @@ case, ``&``, ``|``, ``~``, nested parentheses, ``TRUE``/``FALSE``, truncated dec
 signs, exponents, ``number op feature``, a bare feature (meaning ``feature != 0``), backticked
 names, and (given the table's columns) unquoted column names containing spaces or symbols.
 Precedence: NOT binds tightest, then AND, then OR. No ``eval``/``DataFrame.query`` is used.
-
 """
 
 from __future__ import annotations
@@ -34,21 +35,13 @@ from __future__ import annotations
 import functools
 import math
 import re
-from dataclasses import dataclass
-from typing import Any, Iterable, Iterator, NamedTuple, Sequence, Union
+from typing import Any, Iterable, Iterator, NamedTuple, Sequence
 
 import numpy as np
 
+from lib.rules.expressions import And, Atom, Combo, Expr, Literal, Not, Or, Rule, _as_float32_value
+
 __all__ = [
-    "OPS",
-    "Atom",
-    "Rule",
-    "Literal",
-    "Combo",
-    "And",
-    "Or",
-    "Not",
-    "Expr",
     "RuleSyntaxError",
     "format_threshold",
     "format_feature",
@@ -61,163 +54,11 @@ __all__ = [
     "parse_with_special_names",
 ]
 
-OPS: tuple[str, ...] = ("<", ">=", "<=", ">", "==", "!=")
-_UPPER_OPS = ("<", "<=")
-_LOWER_OPS = (">", ">=")
-# Canonical order inside a feature: lower bounds, upper bounds, equalities.
-_OP_ORDER = {">": 0, ">=": 1, "<": 2, "<=": 3, "==": 4, "!=": 5}
 _FLIPPED = {"<": ">", ">": "<", "<=": ">=", ">=": "<=", "==": "==", "!=": "!="}
 _KEYWORDS = frozenset({"and", "or", "not", "true", "false"})
 _INF_WORDS = frozenset({"inf", "infinity"})
 _RESERVED_WORDS = _KEYWORDS | _INF_WORDS | {"nan"}  # names that need backticks
 _PLAIN_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
-
-
-def _as_float32_value(value: float) -> float:
-    """The float32 value nearest to `value`, as a Python float (-0.0 becomes 0.0)."""
-    if -3.4e38 < value < 3.4e38:  # common case: no overflow warning possible
-        v = float(np.float32(value))
-    else:
-        with np.errstate(over="ignore"):
-            v = float(np.float32(value))
-    if math.isnan(v):
-        raise ValueError("a rule threshold must not be NaN")
-    return v + 0.0
-
-
-# --------------------------------------------------------------------------------------------
-# Data model
-# --------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Atom:
-    """One comparison `feature op threshold`; the threshold is stored as its float32 value."""
-
-    feature: str
-    op: str
-    threshold: float
-
-    def __post_init__(self) -> None:
-        if not isinstance(self.feature, str) or not self.feature:
-            raise ValueError(f"an atom needs a non-empty feature name, got {self.feature!r}")
-        if self.op not in OPS:
-            raise ValueError(f"unknown comparison operator {self.op!r}; expected one of {', '.join(OPS)}")
-        object.__setattr__(self, "threshold", _as_float32_value(self.threshold))
-
-    @classmethod
-    def from_split(cls, feature: str, threshold: float, goes_left: bool) -> "Atom":
-        """Condition of one XGBoost branch: "yes"/left is `x < t`, "no"/right is `x >= t`."""
-        return cls(feature, "<" if goes_left else ">=", threshold)
-
-    def __str__(self) -> str:
-        return format_expression(self)
-
-
-@dataclass(frozen=True)
-class Rule:
-    """Conjunction of atoms in the given order; the empty rule is TRUE."""
-
-    atoms: tuple[Atom, ...] = ()
-
-    def __post_init__(self) -> None:
-        atoms = tuple(self.atoms)
-        for a in atoms:
-            if not isinstance(a, Atom):
-                raise TypeError(f"Rule atoms must be Atom objects, got {type(a).__name__}")
-        object.__setattr__(self, "atoms", atoms)
-
-    def canonical(self) -> "Rule":
-        """Same rows, standard form: per feature the tightest lower and upper bound (`x < 3 & x < 5`
-        → `x < 3`), duplicates dropped, sorted by feature, then op (>, >=, <, <=, ==, !=), then threshold."""
-        lower: dict[str, Atom] = {}
-        upper: dict[str, Atom] = {}
-        others: set[Atom] = set()
-        for a in self.atoms:
-            if a.op in _UPPER_OPS:
-                cur = upper.get(a.feature)
-                # smaller threshold is tighter; at equal thresholds `<` is tighter than `<=`
-                if cur is None or (a.threshold, a.op != "<") < (cur.threshold, cur.op != "<"):
-                    upper[a.feature] = a
-            elif a.op in _LOWER_OPS:
-                cur = lower.get(a.feature)
-                # larger threshold is tighter; at equal thresholds `>` is tighter than `>=`
-                if cur is None or (a.threshold, a.op == ">") > (cur.threshold, cur.op == ">"):
-                    lower[a.feature] = a
-            else:
-                others.add(a)
-        kept = list(lower.values()) + list(upper.values()) + list(others)
-        kept.sort(key=lambda a: (a.feature, _OP_ORDER[a.op], a.threshold))
-        return Rule(tuple(kept))
-
-    def __str__(self) -> str:
-        return format_expression(self)
-
-
-@dataclass(frozen=True)
-class Literal:
-    """A rule or its negation (`NOT(rule)`): the unit the OR-combo selector works with."""
-
-    rule: Rule
-    negated: bool = False
-
-    def __post_init__(self) -> None:
-        if not isinstance(self.rule, Rule):
-            raise TypeError(f"Literal.rule must be a Rule, got {type(self.rule).__name__}")
-        object.__setattr__(self, "negated", bool(self.negated))
-
-    def __str__(self) -> str:
-        return format_expression(self)
-
-
-@dataclass(frozen=True)
-class Combo:
-    """Disjunction of literals; the empty combo is FALSE."""
-
-    literals: tuple[Literal, ...] = ()
-
-    def __post_init__(self) -> None:
-        lits = tuple(self.literals)
-        for lit in lits:
-            if not isinstance(lit, Literal):
-                raise TypeError(f"Combo literals must be Literal objects, got {type(lit).__name__}")
-        object.__setattr__(self, "literals", lits)
-
-    def __str__(self) -> str:
-        return format_expression(self)
-
-
-@dataclass(frozen=True)
-class And:
-    """General conjunction (for parsed text that is not rule/literal/combo shaped); () is TRUE."""
-
-    items: tuple["Expr", ...] = ()
-
-    def __str__(self) -> str:
-        return format_expression(self)
-
-
-@dataclass(frozen=True)
-class Or:
-    """General disjunction; () is FALSE."""
-
-    items: tuple["Expr", ...] = ()
-
-    def __str__(self) -> str:
-        return format_expression(self)
-
-
-@dataclass(frozen=True)
-class Not:
-    """General negation (complement of the mask)."""
-
-    item: "Expr"
-
-    def __str__(self) -> str:
-        return format_expression(self)
-
-
-Expr = Union[Atom, Rule, Literal, Combo, And, Or, Not]
 
 
 # --------------------------------------------------------------------------------------------

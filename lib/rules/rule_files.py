@@ -1,5 +1,6 @@
 """Reading rule files (the original loader API, without pandas.query): find a stage's rule files,
-guess a file's type, load its rules into one schema, and find a table's prompt column."""
+guess a file's type, load its rules into one schema, and find a table's prompt column. File reading
+for stages 4-7, apart from the language: it hands rule text on, never parses or evaluates it."""
 
 from __future__ import annotations
 

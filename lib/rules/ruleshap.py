@@ -33,7 +33,8 @@ import numpy as np
 import pandas as pd
 
 from lib.rules.metrics import binary_rule_metrics_matrix, segmentation_stats_matrix
-from lib.rules.language import Atom, Literal, Rule, format_expression, format_feature
+from lib.rules.expressions import Atom, Literal, Rule
+from lib.rules.language import format_expression, format_feature
 from lib.rules.evaluation import evaluate_many
 
 __all__ = [

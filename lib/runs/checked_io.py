@@ -1,5 +1,6 @@
 """Checked reading of CSV and JSON artifacts: a file that cannot serve raises ArtifactError naming
-the file (and the missing column), never a bare pandas or json exception."""
+the file (and the missing column), never a bare pandas or json exception. One module so that the
+result loaders and the reports that read artifacts directly report a bad file the same way."""
 
 from __future__ import annotations
 
@@ -12,7 +13,6 @@ import pandas as pd
 from lib.core.files_and_cache import ArtifactError
 
 __all__ = ["read_csv_checked", "read_json_checked"]
-
 
 
 def read_csv_checked(path: str | Path, required: Sequence[str] = (), what: str = "table") -> pd.DataFrame:

@@ -19,7 +19,6 @@ __all__ = ["ModelDir", "find_model_dirs", "task_model_from_path", "find_stats_di
            "resolve_run_dir", "resolve_bag_dir", "open_stats_source", "layout_for_stats_root"]
 
 
-
 @dataclass(frozen=True)
 class ModelDir:
     """A `data/<task>/<model>` experiment folder."""

@@ -10,7 +10,6 @@ Every malformed input raises ArtifactError naming the file and, where it applies
 
 from __future__ import annotations
 
-import json
 import math
 import re
 from dataclasses import dataclass, field

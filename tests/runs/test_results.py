@@ -8,7 +8,7 @@ import pytest
 
 from lib.core.files_and_cache import ArtifactError
 from lib.runs.checked_io import read_csv_checked
-from lib.runs.discovery import find_model_dirs, layout_for_stats_root, resolve_run_dir, task_model_from_path
+from lib.runs.discovery import resolve_run_dir
 from lib.runs.results import (
     BaselineResults,
     RunResults,
@@ -22,7 +22,7 @@ from lib.runs.results import (
     union_flip,
 )
 from lib.runs.layout import ExperimentLayout, parse_run_mode
-from tests.synthetic_artifacts import EXPECTED, FAKE, MAIN, MAIN_NO_DECODE, MODEL, build_tree
+from tests.synthetic_artifacts import EXPECTED, FAKE, MAIN, MODEL, build_tree
 
 
 @pytest.fixture()
@@ -60,15 +60,6 @@ def test_run_results_scopes_and_units(tree):
     assert rr.best("test")["MCC"].tolist() == [0.40]
     # the fake run has no signed manifest → HQ scopes are unavailable, not zero
     assert RunResults(lay.stats_dir(FAKE)).best("test_selected") is None
-
-
-def test_decode_only_fallback_and_paths(tree):
-    data, _ = tree
-    lay = ExperimentLayout(data, "bon_jailbreaking", MODEL)
-    assert resolve_run_dir(lay, MAIN).name == MAIN_NO_DECODE
-    assert [(m.task, m.model) for m in find_model_dirs(data)] == [("arithmetic", MODEL), ("bon_jailbreaking", MODEL)]
-    assert task_model_from_path(lay.stats_dir(MAIN_NO_DECODE)) == ("bon_jailbreaking", MODEL)
-    assert layout_for_stats_root(lay.stats_root).model_dir.resolve() == lay.model_dir.resolve()
 
 
 def test_flip_union_counts(tree):

@@ -10,6 +10,7 @@ Units are the `hook_mlp_out` coordinates only (spec §6 note 9: attention units 
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import re
 import time
@@ -23,13 +24,18 @@ import numpy as np
 import pandas as pd
 import torch
 
-from lib.core.choices import CIRCUIT_LEVELS
+from lib.core.choices import (CIRCUIT_LEVELS, SAMPLING_STRATEGIES, AttributionIntervention, AttributionMetric,
+                              BaselineSubset, CircuitLevel, DecodeMode, Device, Dtype, RepPooling, SamplingStrategy,
+                              SpectralSpace, TemporalAgg)
+from lib.core.errors import UsageError
+from lib.pipeline.config import StageConfig, option, require
 from lib.pipeline.feature_table import AnalysisTable, load_analysis_table, load_primary_rules, prompts_sha256, rule_mask
 from lib.core.files_and_cache import (ArtifactError, DiskCache, atomic_write_json, content_key,
                                        ensure_writable_dir, set_deterministic)
 from lib.models.loading import load_analysed_model
 from lib.attribution.eap import (EncodedText, MeanActivations, attribute_pairs, canonical_method,
                                     compute_mean_activations, encode_text, evaluate_pairs)
+from lib.sampling.spectral import DEFAULT_REP_HOOK, SPECTRAL_HELP, check_pair_metric, check_spectral_arguments
 from lib.tasks.base import load_task
 
 __all__ = [
@@ -52,50 +58,92 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 LEVELS = CIRCUIT_LEVELS
-SAMPLING_STRATEGIES = ("random", "plan")
 MEAN_CACHE_NAMESPACE = "stage5_mean_activations"
 
 
-@dataclass
-class Stage5Config:
-    """The stage-5 settings the library uses (flag names of spec §3.1 plus our additions)."""
+@dataclasses.dataclass(kw_only=True)
+class Stage5Config(StageConfig):
+    """Stage 5's flags (names and defaults of spec §3.1 plus our additions), checked on construction."""
 
-    rules_dir: str
-    features_scores_dir: str
-    rules_glob: str = "association_rules_*.csv"
-    fake_targets: bool = False
-    intervention: str = "zero"
-    eval_intervention: str = "mean-positional"
-    absolute_value_attributions: bool = False
-    include_zero_scores: bool = False
-    mlp_neurons_only: bool = False
-    ai_model: str = "Qwen/Qwen2-7B-Instruct"
-    ai_model_cache_dir: str | None = None
-    cache_dir: str = "./cache"
-    seed: int = 0
-    max_n_of_rules_to_analyze: int = -1
-    temporal_agg: str = "mean"
-    decode_only: bool = False
-    decode_mode: str = "after_prompt"
-    method: str = "EAP"
-    max_ig_steps: int = 3
-    circuit_size: int = 20
-    circuit_level: str = "node"
-    max_pairs_per_circuit: int = 512
-    pair_similarity_metric: str = "cosine"
-    points_to_use_for_mean_ablation: int = 512
-    batch_size: int = 8
-    sampling_strategy: str = "random"
-    sampling_plan_path: str | None = None
-    cluster_base_subset: str = "all"
-    output_data_dir: str = "neural_circuit_discovery_results"
-    task_module: str = "lib.tasks.arithmetic_task"
-    attribution_metric: str = "answer_logprob"
-    keep_going: bool = False
-    device: str = "auto"
-    dtype: str = "auto"
-    max_seq_len: int | None = None
-    progress: bool = True
+    rules_dir: str = option(help="folder with the stage-3 rule files")
+    rules_glob: str = option("association_rules_*.csv",
+                             "rule-file prefix: <prefix>_<target>.csv (the pipeline passes optimal_rule_set)")
+    fake_targets: bool = option(False, "use the <target>_fake rule file")
+    features_scores_dir: str = option(help="folder with stage 2's scores.csv")
+    max_answer_tokens: int = option(16, "accepted, unused (as in the original)")
+    stop_regex: str = option(r"\n{2,}|</s>|<\|endoftext\|>", "accepted, unused (as in the original)")
+    intervention: AttributionIntervention = option(
+        "zero", "attribution intervention for EAP (EAP-IG methods always use patching)")
+    eval_intervention: AttributionIntervention = option(
+        "mean-positional", "value given to non-circuit units in the faithfulness evaluation")
+    absolute_value_attributions: bool = option(False, "rank units by |score|")
+    include_zero_scores: bool = option(False, "exact-zero scores may be selected")
+    mlp_neurons_only: bool = option(False, "keep MLP units only (always the case here: attention units are not scored)")
+    ai_model: str = option("Qwen/Qwen2-7B-Instruct", "analysed model (hub id, folder, .gguf, alias)")
+    ai_model_cache_dir: str | None = option(None, "model cache folder")
+    cache_dir: str = option("./cache", "folder for the mean-activation cache", aliases=("-c",))
+    max_n_of_rules_to_analyze: int = option(-1, "<=0: all rules, else the first N")
+    temporal_agg: TemporalAgg = option("mean", "aggregation of answer-span logits for the KL metric and the "
+                                               "faithfulness NL")
+    decode_only: bool = option(False, "intervene only at answer-predicting positions")
+    decode_mode: DecodeMode = option("after_prompt",
+                                     "answer positions (auto/span/after_prompt coincide here; all = every real token)")
+    method: str = option("EAP", "EAP, EAP-IG-inputs, or EAP-IG (alias of EAP-IG-inputs)")
+    max_ig_steps: int = option(3, "EAP-IG interpolation steps m")
+    circuit_size: int = option(20, "top-M units (or nodes) kept")
+    circuit_level: CircuitLevel = option("node", "neuron (hook_mlp_out coordinates) or node (MLP layers)")
+    max_pairs_per_circuit: int = option(512, "pairs per rule (random strategy)")
+    pair_similarity_metric: str = option("cosine", "random pairing distance (cosine, euclidean, SciPy)")
+    points_to_use_for_mean_ablation: int = option(512, "reference texts for mean values")
+    batch_size: int = option(8, "pairs per forward/backward batch")
+    sampling_strategy: SamplingStrategy = option("random", "pair source")
+    sampling_plan_path: str | None = option(None, "stage-4 plan (required with --sampling_strategy plan)")
+    cluster_by_spectral: bool = option(False, "not supported (use a stage-4 plan)")
+    cluster_base_subset: BaselineSubset = option("all", "cluster mode only (not supported); recorded in "
+                                                        "dataset_info.json")
+    spectral_space: SpectralSpace = option("hidden", SPECTRAL_HELP["spectral_space"])
+    rep_hook_name: str = option(DEFAULT_REP_HOOK, SPECTRAL_HELP["rep_hook_name"])
+    rep_pooling: RepPooling = option("mean", SPECTRAL_HELP["rep_pooling"])
+    max_seq_len: int | None = option(None, SPECTRAL_HELP["max_seq_len"])
+    spectral_dim: int = option(16, SPECTRAL_HELP["spectral_dim"])
+    spectral_cache_dir: str | None = option(None, SPECTRAL_HELP["spectral_cache_dir"])
+    global_n_clusters: int = option(32, "cluster mode only (not supported)")
+    output_data_dir: str = option("neural_circuit_discovery_results", "output root")
+    task_module: str = option("lib.tasks.arithmetic_task", "module exporting TASK_SPEC")
+    attribution_metric: AttributionMetric = option(
+        "answer_logprob", "answer_logprob (non-zero gradient at the clean input) or kl (the original's span KL)")
+    keep_going: bool = option(False, "exit 0 even when some rule jobs failed")
+    num_threads: int = option(0, "torch CPU threads (0: torch's default)")
+    no_progress: bool = option(False, "hide progress bars")
+    device: Device = option("auto", "where to run the analysed model (auto: cuda > mps > cpu)")
+    dtype: Dtype = option("auto", "weights/activation dtype (auto: float32, as TransformerLens uses)")
+
+    def __post_init__(self) -> None:
+        """Reject flag values that cannot work, naming the flag (checks that need no files)."""
+        super().__post_init__()
+        try:
+            canonical_method(self.method)
+        except ValueError as exc:
+            raise UsageError(str(exc)) from None
+        require(self.circuit_level != "edge",
+                "--circuit_level edge is not supported: use neuron (hook_mlp_out coordinates) or node")
+        require(self.circuit_level in LEVELS,
+                f"--circuit_level must be one of {', '.join(LEVELS)}, not '{self.circuit_level}'")
+        require(not self.cluster_by_spectral, "--cluster_by_spectral is not supported; build a stage-4 plan and pass "
+                                              "--sampling_strategy plan --sampling_plan_path …")
+        require(self.sampling_strategy != "plan" or bool(self.sampling_plan_path),
+                "--sampling_strategy plan needs --sampling_plan_path")
+        for flag in ("max_ig_steps", "batch_size", "max_pairs_per_circuit"):
+            require(getattr(self, flag) >= 1, f"--{flag} must be >= 1, got {getattr(self, flag)}")
+        require(self.circuit_size >= 0, f"--circuit_size must be >= 0, got {self.circuit_size}")
+        require(self.num_threads >= 0, f"--num_threads must be >= 0, got {self.num_threads}")
+        check_spectral_arguments(self)
+        check_pair_metric(self.pair_similarity_metric)
+
+    @property
+    def progress(self) -> bool:
+        """Progress bars unless --no_progress."""
+        return not self.no_progress
 
     @property
     def attribution_intervention(self) -> str:
@@ -487,6 +535,12 @@ def _load_context(cfg: Stage5Config, table: AnalysisTable, answer_col: str, plan
 
 def run_stage5(cfg: Stage5Config, model: Any = None) -> int:
     """Run every missing job; write manifest/dataset_info. Returns 0, or 1 if a job failed (unless keep_going)."""
+    method = canonical_method(cfg.method)
+    if "EAP-IG" in method and cfg.intervention != "patching":
+        log.info("--method %s interpolates inputs: attribution uses patching (not --intervention %s)",
+                 method, cfg.intervention)
+    if cfg.num_threads:
+        torch.set_num_threads(cfg.num_threads)
     task = load_task(cfg.task_module)
     table = load_analysis_table(cfg.features_scores_dir, task, "all")
     if len(table.df) == 0:

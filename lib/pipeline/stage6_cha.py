@@ -10,6 +10,7 @@ cross-circuit exclusion of known agonists only with `--exclude_known_agonists`.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import time
 import zlib
@@ -19,16 +20,99 @@ from typing import Callable, Sequence
 
 import numpy as np
 
+from lib.core.choices import BaselineSubset, Device, Dtype, Intervention, SamplingStrategy
+from lib.pipeline.config import StageConfig, option, require
 from lib.ablation.engine import AblationEngine, PreparedPrompts, ReplacementValues
 from lib.pipeline.feature_table import AnalysisTable, load_analysis_table, prompts_sha256, rule_mask
-from lib.core.files_and_cache import ArtifactError, atomic_write_json, content_key, ensure_writable_dir
+from lib.core.files_and_cache import (ArtifactError, atomic_write_json, content_key, ensure_writable_dir,
+                                      set_deterministic)
 from lib.ablation.cha import clopper_pearson_upper, group_testing_bound, is_agonist, run_cha, run_exhaustive
 from lib.attribution.manifest import Circuit, manifest_entry_summary, read_dataset_info, read_manifest
 from lib.ablation.buckets import NeuronBuckets, unit_key
 from lib.ablation.interventions import estimate_replacements
 from lib.tasks.base import TaskSpec, load_task
 
-__all__ = ["run_stage6", "circuit_output_path", "regimes_of", "cost_block"]
+__all__ = ["Stage6Config", "run_stage6", "output_folders", "circuit_output_path", "regimes_of", "cost_block"]
+
+_COMPAT = "accepted for compatibility; the diagnostic suites are not computed (docs/DEVIATIONS.md)"
+
+
+@dataclasses.dataclass(kw_only=True)
+class Stage6Config(StageConfig):
+    """Stage 6's flags, checked on construction (checks that need no files)."""
+
+    input_data_dir: str = option(help="stage-5 folder holding manifest.json (and dataset_info.json)")
+    output_data_dir: str = option(help="output root")
+    scores_path: str | None = option(None, "scores table (default: dataset_info.json's scores_path)")
+    ai_model: str | None = option(None, "analysed model (default: dataset_info.json's ai_model)")
+    ai_model_cache_dir: str | None = option(None, "Hugging Face cache folder")
+    search_epsilon: float = option(0.2, "τ: a group is split, and a single unit is an agonist, when its flip-rate "
+                                        "UCB reaches τ (≤0: always split)")
+    prune_alpha: float = option(0.05, "error budget per node; each slice's one-sided Clopper–Pearson bound uses α/2 "
+                                      "(≤0: no pruning)")
+    catastrophic_acc_tol: float = option(1e-12, "tolerance for an accuracy of 0 (or 1)")
+    catastrophic_n_runs: int = option(3, "trials that decide whether a catastrophic unit is confirmed")
+    n_associated: int = option(100, "associated prompts per circuit")
+    n_unrelated: int = option(100, "unrelated prompts per circuit")
+    decode_only: bool = option(False, "intervene only where answer tokens are produced (last prompt position and "
+                                      "every decode step); the prompt's KV cache is computed once and shared by "
+                                      "every group test")
+    intervention: Intervention = option("zero", "replacement of ablated units")
+    points_to_use_for_mean_ablation: int = option(256, "TRAIN prompts used to estimate mean replacement values")
+    top_k_neurons: int | None = option(None, "keep the K units with the largest |score| per circuit")
+    last_k_layers: int | None = option(None, "keep only units of the last K MLP layers")
+    mlp_neurons_only: bool = option(False, "drop non-MLP units (always the case here: only hook_mlp_out units are "
+                                           "ablated)")
+    batch_size: int = option(16, "rows (group × prompt generations) per forward pass")
+    fast_ablation: bool = option(False, "run CHA; without it every unit is ablated alone")
+    sign_split_first: bool = option(False, "CHA: split each layer's root by the sign of the stage-5 score")
+    baseline_subset: BaselineSubset = option("all", "regime; 'all' runs positive and negative into "
+                                                    "<out>/{positive,negative}_baseline")
+    sampling_strategy: SamplingStrategy = option("random", "random: rule-covered vs other rows; plan: the stage-4 "
+                                                           "plan's lists")
+    sampling_plan_path: str | None = option(None, "stage-4 plan (required with --sampling_strategy plan)")
+    exclude_known_agonists: bool = option(False, "the original's behaviour: units found in an earlier circuit are "
+                                                 "not searched again (results then depend on circuit order)")
+    # accepted and ignored (spectral-cluster circuits are not supported): hidden from --help
+    cluster_by_spectral: bool = option(False, hidden=True)
+    global_n_clusters: int = option(32, hidden=True)
+    spectral_space: str = option("hidden", hidden=True)
+    rep_hook_name: str = option("ln_final.hook_normalized", hidden=True)
+    rep_pooling: str = option("mean", hidden=True)
+    max_seq_len: int | None = option(None, hidden=True)
+    spectral_dim: int = option(16, hidden=True)
+    spectral_cache_dir: str | None = option(None, hidden=True)
+    skip_agonist_activation_stats: bool = option(False, _COMPAT)
+    skip_agonist_margin_stats: bool = option(False, _COMPAT)
+    skip_agonist_saliency_stats: bool = option(False, _COMPAT)
+    agonist_saliency_metrics: str = option("wanda,gradient,activation_x_gradient",
+                                           "accepted for compatibility (see --skip_agonist_saliency_stats)")
+    task_module: str = option("lib.tasks.arithmetic_task", "module exporting TASK_SPEC")
+    device: Device = option("auto", "where to run the analysed model (auto: cuda > mps > cpu)")
+    dtype: Dtype = option("auto", "weights/activation dtype (auto: float32, as TransformerLens uses)")
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        require(self.n_associated >= 1 and self.n_unrelated >= 1, "--n_associated and --n_unrelated must be >= 1")
+        require(self.batch_size >= 1, f"--batch_size must be >= 1, got {self.batch_size}")
+        require(self.points_to_use_for_mean_ablation >= 1, "--points_to_use_for_mean_ablation must be >= 1")
+        require(self.catastrophic_n_runs >= 1, "--catastrophic_n_runs must be >= 1")
+        require(self.prune_alpha < 1, "--prune_alpha must be < 1")
+        require(self.sampling_strategy != "plan" or bool(self.sampling_plan_path),
+                "--sampling_strategy plan needs --sampling_plan_path")
+        require(not self.cluster_by_spectral, "--cluster_by_spectral (spectral-cluster circuits) is not supported; "
+                                              "analyse rule circuits (docs/DEVIATIONS.md, stage 6)")
+        for flag in ("top_k_neurons", "last_k_layers"):
+            v = getattr(self, flag)
+            require(v is None or v >= 1, f"--{flag} must be >= 1")
+
+
+def output_folders(cfg: Stage6Config) -> list[Path]:
+    """Folders a run writes: --output_data_dir and, with --baseline_subset all, its regime subfolders."""
+    root = Path(cfg.output_data_dir)
+    if cfg.baseline_subset != "all":
+        return [root]
+    return [root, *(root / f"{regime}_baseline" for regime in regimes_of("all"))]
 
 
 def regimes_of(baseline_subset: str) -> list[str]:
@@ -48,7 +132,7 @@ def _circuit_rng(seed: int, c: Circuit) -> np.random.Generator:
     return np.random.default_rng([int(seed) % (2**32), int(c.circuit_id), zlib.crc32(c.target.encode())])
 
 
-def settings_key(args: argparse.Namespace, regime: str, ai_model: str) -> str:
+def settings_key(args: Stage6Config, regime: str, ai_model: str) -> str:
     """Identity of every setting that changes a circuit's result (resume reuses only on a match)."""
     keys = ("search_epsilon", "prune_alpha", "catastrophic_acc_tol", "catastrophic_n_runs", "n_associated",
             "n_unrelated", "decode_only", "intervention", "points_to_use_for_mean_ablation", "top_k_neurons",
@@ -79,7 +163,7 @@ class _Sample:
 class Stage6:
     """One regime of one stage-6 run."""
 
-    def __init__(self, args: argparse.Namespace, task: TaskSpec, regime: str, out_dir: Path,
+    def __init__(self, args: Stage6Config, task: TaskSpec, regime: str, out_dir: Path,
                  info: dict, echo: Callable[[str], None], models: dict) -> None:
         self.args, self.task, self.regime, self.out_dir, self.echo = args, task, regime, out_dir, echo
         self.models = models  # loaded model shared by the regimes of one run
@@ -294,7 +378,7 @@ def _summary(res: dict) -> dict:
     return out
 
 
-def _run_regime(args: argparse.Namespace, task: TaskSpec, regime: str, out_dir: Path, info: dict,
+def _run_regime(args: Stage6Config, task: TaskSpec, regime: str, out_dir: Path, info: dict,
                 circuits: list[Circuit], models: dict, echo: Callable[[str], None]) -> dict:
     st = Stage6(args, task, regime, out_dir, info, echo, models)
     st.circuits = circuits
@@ -347,8 +431,9 @@ def min_prompts_to_prune(tau: float, prune_alpha: float) -> int:
     return n
 
 
-def run_stage6(args: argparse.Namespace, echo: Callable[[str], None] = print) -> list[dict]:
+def run_stage6(args: Stage6Config, echo: Callable[[str], None] = print) -> list[dict]:
     """Run every requested regime; returns the run-level cost summaries."""
+    set_deterministic(args.seed)
     need = min_prompts_to_prune(args.search_epsilon, args.prune_alpha)
     if args.fast_ablation and min(args.n_associated, args.n_unrelated) < need:
         echo(f"warning: with fewer than {need} prompts per slice a group with no flip still has an upper "

@@ -9,21 +9,27 @@ with flip columns and every summary). Run-mode names come from `lib.runs.layout`
 
 from __future__ import annotations
 
-import argparse
+import dataclasses
 import json
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Literal
 
 import numpy as np
 import pandas as pd
 
+from lib.core.choices import (DEFAULT_SEED, Device, Dtype, Intervention, RepPooling, RuleQualityMetric,
+                              SpectralSpace)
+from lib.core.errors import UsageError
+from lib.pipeline.config import StageConfig, option, require
+from lib.sampling.spectral import DEFAULT_REP_HOOK, SPECTRAL_HELP, check_spectral_arguments
 from lib.core.files_and_cache import (
     ArtifactError,
     atomic_write_json,
     content_key,
     ensure_writable_dir,
     file_digest,
+    set_deterministic,
     write_csv_atomic,
 )
 from lib.pipeline.feature_table import read_scores_table, scores_csv_path
@@ -37,7 +43,143 @@ from lib.anchoring.units import Unit, load_candidate_units
 from lib.pipeline.stage3_rules import resolve_feature_columns
 from lib.tasks.base import load_task
 
-__all__ = ["run_stage7", "find_ai_model", "load_inputs"]
+__all__ = ["Stage7Config", "run_stage7", "stats_dir_of", "find_ai_model", "load_inputs"]
+
+_CORE, _IV, _MODES, _ROWS, _RX, _SUM = ("core", "intervention", "modes", "row sampling", "rule extraction",
+                                        "summaries")
+
+
+@dataclasses.dataclass(kw_only=True)
+class Stage7Config(StageConfig):
+    """Stage 7's flags, checked on construction (checks that need no files).
+
+    `--seed` (mean pool, spectral sampling, torch) and `--random_seed` (RuleSHAP / SHAP) are two
+    settings here, so `--random_seed` is not an alias of `--seed` on this stage."""
+
+    circuit_agonists_path: str = option(help="stage-6 output folder (scanned recursively for neuron_buckets.json) "
+                                             "or a .zip of it")
+    features_scores_dir: str = option(help="folder with stage 2's scores.csv and features.json")
+    # core
+    search_epsilon: float | None = option(None, "τ: keep agonists whose stage-6 max_effect reaches τ (required; "
+                                                "the pipeline uses 0.2)", group=_CORE)
+    ai_model: str | None = option(None, "analysed model (default: ai_model of dataset_info.json)", group=_CORE)
+    ai_model_cache_dir: str | None = option(None, "Hugging Face cache folder", group=_CORE)
+    stats_dirname: str | None = option(None, "run mode: outputs go to <rules_dir>/stats/<stats_dirname>/",
+                                       group=_CORE)
+    task_module: str = option("lib.tasks.arithmetic_task", "module exporting TASK_SPEC", group=_CORE)
+    seed: int = option(DEFAULT_SEED, "global seed (mean pool, spectral sampling)", group=_CORE)
+    batch_size: int = option(16, "rows (unit × prompt generations) per forward pass", group=_CORE)
+    neuron_batch_size: int = option(4, "units evaluated together: each pass holds this many units × "
+                                       "batch_size/this prompts (≤1 = one unit at a time)", group=_CORE)
+    no_tqdm_batches: bool = option(False, "no progress bars", group=_CORE)
+    max_neurons: int | None = option(None, "keep only the first N units (layer, id descending)", group=_CORE)
+    # intervention
+    intervention: Intervention = option("zero", "replacement of the ablated unit", group=_IV)
+    points_to_use_for_mean_ablation: int = option(256, "TRAIN prompts for mean values", group=_IV)
+    last_pos_only: bool = option(False, "intervene only from the last prompt position on (what --decode_only "
+                                        "does here)", group=_IV)
+    decode_only: bool = option(False, "prefill the prompt unhooked once; intervene on the last prompt position "
+                                      "and every decode step", group=_IV)
+    input_only: bool = option(False, "not supported (hooks during the prefill only)", group=_IV)
+    semantic_quality_policy: Literal["none", "filter"] = option(
+        "filter", "drop semantic-wrong rows before rule fitting (no task here has semantic columns)", group=_IV)
+    no_rescore_cached_answers: bool = option(False, "accepted; cached answers are always rescored with the task "
+                                                    "(cheap)", group=_IV)
+    recompute_missing_semantic_cache: bool = option(False, "accepted; no semantic evaluator", group=_IV)
+    # modes
+    stats_only: bool = option(False, "reload stats/<run>/scores.csv and redo the statistics", group=_MODES)
+    summarize_rule_metrics_only: bool = option(False, "only the rule-metric summaries and HQ coverage from "
+                                                      "existing rule files", group=_MODES)
+    skip_agonist_metric_stats: bool = option(False, "accepted (diagnostics not computed)", group=_MODES)
+    agonist_metric_topk: int = option(30, "accepted (diagnostics not computed)", group=_MODES)
+    exclude_discovery_rows_from_final_stats: bool = option(False, "drop stage-6 discovery rows from the flip "
+                                                                  "statistics", group=_MODES)
+    # row sampling
+    use_spectral_sampling: bool = option(False, "evaluate a spectral sample of the rows", group=_ROWS)
+    global_n_clusters: int = option(-1, ">0: k-center branch with this many clusters", group=_ROWS)
+    keep_unsampled_rows: bool = option(False, "keep unsampled rows (flip columns NA)", group=_ROWS)
+    spectral_space: SpectralSpace = option("hidden", SPECTRAL_HELP["spectral_space"], group=_ROWS)
+    rep_hook_name: str = option(DEFAULT_REP_HOOK, SPECTRAL_HELP["rep_hook_name"], group=_ROWS)
+    rep_pooling: RepPooling = option("mean", SPECTRAL_HELP["rep_pooling"], group=_ROWS)
+    max_seq_len: int | None = option(None, SPECTRAL_HELP["max_seq_len"], group=_ROWS)
+    spectral_dim: int = option(16, SPECTRAL_HELP["spectral_dim"], group=_ROWS)
+    spectral_cache_dir: str | None = option(None, SPECTRAL_HELP["spectral_cache_dir"], group=_ROWS)
+    coverage_radius: float = option(0.5, "greedy-cover radius", group=_ROWS)
+    sampling_max_points: int = option(512, "rows to evaluate at most", group=_ROWS)
+    sampling_min_points: int = option(64, "rows to evaluate at least", group=_ROWS)
+    sampling_chunk_size: int = option(8192, "rows per nearest-center chunk", group=_ROWS)
+    points_per_centroid: int = option(1, "greedy cover: rows per center", group=_ROWS)
+    centroid_sampling_mode: Literal["random", "nearest"] = option("random", group=_ROWS)
+    # rule extraction
+    extract_rules: bool = option(False, "fit rules to every unit's flip columns", group=_RX)
+    rules_dir: str = option("xai_analyses_results", "output root (pipeline: .../neuron_flip_rules)", group=_RX)
+    rule_targets: str | None = option(None, "comma list of exact flip columns to fit", group=_RX)
+    random_seed: int = option(DEFAULT_SEED, "RuleSHAP / SHAP seed", group=_RX)
+    fast_shap_estimate: bool = option(False, "accepted: SHAP always uses the permutation estimator", group=_RX)
+    npermutations: int = option(5, "SHAP antithetic orderings per row", group=_RX)
+    n_estimators: int = option(500, "trees of the rule ensemble (stage 3's hidden flag)", group=_RX)
+    only_unique_datapoints_in_shap: bool = option(False, group=_RX)
+    epsilon: float = option(0.1, "SHAP background = feature minimum − epsilon", group=_RX)
+    use_shap_in_xgb: bool = option(False, "SHAP-weighted column sampling in XGBoost", group=_RX)
+    use_shap_in_lasso: bool = option(False, "accepted; stage 7 never filters rules with LASSO", group=_RX)
+    only_unique_datapoints_in_rule_extraction: bool = option(False, group=_RX)
+    no_emit_all_fit_rules: bool = option(False, "skip the descriptive ALL-FIT scope", group=_RX)
+    force_all_fit_recompute: bool = option(False, group=_RX)
+    # summaries
+    summarize_rule_metrics: bool = option(False, "write rule-metric summaries and HQ coverage", group=_SUM)
+    rule_metrics_quantiles: str = option("0.1,0.5,0.9", group=_SUM)
+    rule_length_cap: int = option(30, group=_SUM)
+    rule_metrics_topk: int = option(50, group=_SUM)
+    threshold_metric: RuleQualityMetric = option("mcc", group=_SUM)
+    rule_quality_metric: RuleQualityMetric | None = option(None, "default: --threshold_metric", group=_SUM)
+    rule_quality_threshold: float = option(0.70, "HQ threshold, TEST scopes", group=_SUM)
+    rule_quality_threshold_all_fit: float = option(0.70, "HQ threshold, ALL-FIT", group=_SUM)
+    min_rule_dataset_coverage: float = option(0.005, "coverage floor (≤0 disables)", group=_SUM)
+    device: Device = option("auto", "where to run the analysed model (auto: cuda > mps > cpu)")
+    dtype: Dtype = option("auto", "weights/activation dtype (auto: float32, as TransformerLens uses)")
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        require(self.search_epsilon is not None, "--search_epsilon is required (τ of stage 6; the pipeline passes 0.2)")
+        require(not (self.input_only and self.decode_only), "--input_only and --decode_only are mutually exclusive")
+        require(not self.input_only,
+                "--input_only (intervening during the prefill only) is not supported by the batched engine")
+        require(not self.last_pos_only or self.decode_only,
+                "--last_pos_only is supported only with --decode_only (which intervenes from the last prompt "
+                "position on)")
+        for flag in ("batch_size", "points_to_use_for_mean_ablation", "npermutations", "n_estimators",
+                     "rule_length_cap", "rule_metrics_topk", "sampling_max_points", "sampling_chunk_size",
+                     "points_per_centroid"):
+            require(getattr(self, flag) >= 1, f"--{flag} must be >= 1, got {getattr(self, flag)}")
+        require(self.sampling_min_points >= 0, "--sampling_min_points must be >= 0")
+        require(self.max_neurons is None or self.max_neurons >= 1, "--max_neurons must be >= 1")
+        try:
+            qs = [float(x) for x in self.rule_metrics_quantiles.split(",")]
+        except ValueError:
+            raise UsageError(f"--rule_metrics_quantiles must be three numbers, got "
+                             f"'{self.rule_metrics_quantiles}'") from None
+        require(len(qs) == 3 and all(0 <= q <= 1 for q in qs), "--rule_metrics_quantiles must be three numbers in [0, 1]")
+        require(not (self.stats_only and self.summarize_rule_metrics_only),
+                "--stats_only and --summarize_rule_metrics_only are mutually exclusive")
+        check_spectral_arguments(self)
+
+    @property
+    def emit_all_fit_rules(self) -> bool:
+        """The descriptive ALL-FIT scope is written unless --no_emit_all_fit_rules."""
+        return not self.no_emit_all_fit_rules
+
+    @property
+    def rule_targets_list(self) -> list[str] | None:
+        """--rule_targets as a list of column names (None: every flip column of a unit)."""
+        if not self.rule_targets:
+            return None
+        return [t.strip() for t in self.rule_targets.split(",") if t.strip()]
+
+
+def stats_dir_of(cfg: Stage7Config) -> Path:
+    """`<rules_dir>/stats/<stats_dirname>` (or `<rules_dir>/stats` without a run name): where the statistics go."""
+    root = Path(cfg.rules_dir) / "stats"
+    return root / cfg.stats_dirname if cfg.stats_dirname else root
 
 
 def find_ai_model(features_dir: Path) -> str | None:
@@ -86,7 +228,7 @@ def load_inputs(features_dir: str | Path, task: Any) -> tuple[pd.DataFrame, list
 class _Model:
     """Lazy analysed-model loader (loaded on the first cache miss only)."""
 
-    def __init__(self, args: argparse.Namespace, ai_model: str | None, echo: Callable[[str], None]) -> None:
+    def __init__(self, args: Stage7Config, ai_model: str | None, echo: Callable[[str], None]) -> None:
         self.args, self.ai_model, self.echo, self.model = args, ai_model, echo, None
 
     def __call__(self) -> Any:
@@ -101,7 +243,7 @@ class _Model:
         return self.model
 
 
-def _eval_rows(df: pd.DataFrame, args: argparse.Namespace, prompt_col: str, get_model: _Model, rules_dir: Path,
+def _eval_rows(df: pd.DataFrame, args: Stage7Config, prompt_col: str, get_model: _Model, rules_dir: Path,
                echo: Callable[[str], None]) -> tuple[pd.DataFrame, dict]:
     """Evaluation frame; a spectral selection is cached under a key of the prompts and every sampling flag."""
     if not args.use_spectral_sampling:
@@ -129,14 +271,14 @@ def _eval_rows(df: pd.DataFrame, args: argparse.Namespace, prompt_col: str, get_
     return frame, meta
 
 
-def _semantic_config(args: argparse.Namespace) -> dict:
+def _semantic_config(args: Stage7Config) -> dict:
     return {"semantic_diagnostics_enabled": False,
             "reason": "the task exposes no semantic evaluator; no semantic_* columns are written",
             "semantic_quality_policy": args.semantic_quality_policy, "judge_model": None, "judge_mode": "off",
             "judge_cache_dir": None, "judge_max_tokens": None}
 
 
-def _flips(df: pd.DataFrame, units: list[Unit], args: argparse.Namespace, task: Any, get_model: _Model, rules_dir: Path,
+def _flips(df: pd.DataFrame, units: list[Unit], args: Stage7Config, task: Any, get_model: _Model, rules_dir: Path,
            tag: str, scores_path: Path, echo: Callable[[str], None]) -> tuple[pd.DataFrame, dict]:
     """Evaluation frame with flip columns appended, and the run report."""
     prompt_col, main_metric = task.DEFAULT_INPUT, task.DEFAULT_TARGETS[0]
@@ -178,8 +320,9 @@ def _reload_stats_scores(stats_dir: Path, units: list[Unit]) -> pd.DataFrame:
     return df
 
 
-def run_stage7(args: argparse.Namespace, echo: Callable[[str], None] = print) -> dict:
+def run_stage7(args: Stage7Config, echo: Callable[[str], None] = print) -> dict:
     """Run stage 7 as the flags ask; returns a small summary (units, HQ counts, timings)."""
+    set_deterministic(args.seed)
     t0 = time.perf_counter()
     task = load_task(args.task_module)
     main_metric = task.DEFAULT_TARGETS[0]
@@ -188,7 +331,7 @@ def run_stage7(args: argparse.Namespace, echo: Callable[[str], None] = print) ->
     ai_model = args.ai_model or find_ai_model(Path(args.features_scores_dir))
     rules_dir = ensure_writable_dir(args.rules_dir, "--rules_dir")
     run = args.stats_dirname or ""
-    stats_dir = ensure_writable_dir(rules_dir / "stats" / run if run else rules_dir / "stats", "stats folder")
+    stats_dir = ensure_writable_dir(stats_dir_of(args), "stats folder")
     tag = policy_tag(main_metric, args.intervention, bool(args.decode_only), bool(args.input_only), bool(args.last_pos_only))
     atomic_write_json(stats_dir / "semantic_runtime_config.json", _semantic_config(args))
     echo(f"[stage7] {len(units)} candidate unit(s) (τ={args.search_epsilon}); {len(df)} rows, "

@@ -28,6 +28,7 @@ __all__ = [
     "SPECTRAL_SPACES",
     "REP_POOLINGS",
     "DEFAULT_REP_HOOK",
+    "SPECTRAL_HELP",
     "PAIR_CHUNK",
     "ASSIGNMENT_LABELS",
     "REPS_CACHE_NAMESPACE",
@@ -68,20 +69,27 @@ _CACHE_FORMAT = "mecharule-spectral-reps-v1"
 # Flags shared by stages 4, 5 and 6
 
 
+SPECTRAL_HELP = {
+    "spectral_space": "representation space: a hooked activation (hidden) or the logits",
+    "rep_hook_name": "TransformerLens hook read in the hidden space (e.g. ln_final.hook_normalized, "
+                     "ln_final.hook_out, blocks.12.hook_resid_post)",
+    "rep_pooling": "pool token vectors: last real token or mean over real tokens",
+    "max_seq_len": "keep only the last N prompt tokens for representations (left truncation)",
+    "spectral_dim": "PCA components of the spectral embedding",
+    "spectral_cache_dir": "folder for the per-prompt representation cache (none: no cache)",
+}
+"""Help of the six representation flags (the stage configs and `add_spectral_arguments` share it)."""
+
+
 def add_spectral_arguments(parser: argparse.ArgumentParser) -> None:
     """The six representation flags shared by stages 4–6 (names and defaults of spec §2.1)."""
-    parser.add_argument("--spectral_space", choices=SPECTRAL_SPACES, default="hidden",
-                        help="representation space: a hooked activation (hidden) or the logits")
-    parser.add_argument("--rep_hook_name", default=DEFAULT_REP_HOOK,
-                        help="TransformerLens hook read in the hidden space (e.g. ln_final.hook_normalized, "
-                             "ln_final.hook_out, blocks.12.hook_resid_post)")
-    parser.add_argument("--rep_pooling", choices=REP_POOLINGS, default="mean",
-                        help="pool token vectors: last real token or mean over real tokens")
-    parser.add_argument("--max_seq_len", type=int, default=None,
-                        help="keep only the last N prompt tokens for representations (left truncation)")
-    parser.add_argument("--spectral_dim", type=int, default=16, help="PCA components of the spectral embedding")
-    parser.add_argument("--spectral_cache_dir", default=None,
-                        help="folder for the per-prompt representation cache (none: no cache)")
+    h = SPECTRAL_HELP
+    parser.add_argument("--spectral_space", choices=SPECTRAL_SPACES, default="hidden", help=h["spectral_space"])
+    parser.add_argument("--rep_hook_name", default=DEFAULT_REP_HOOK, help=h["rep_hook_name"])
+    parser.add_argument("--rep_pooling", choices=REP_POOLINGS, default="mean", help=h["rep_pooling"])
+    parser.add_argument("--max_seq_len", type=int, default=None, help=h["max_seq_len"])
+    parser.add_argument("--spectral_dim", type=int, default=16, help=h["spectral_dim"])
+    parser.add_argument("--spectral_cache_dir", default=None, help=h["spectral_cache_dir"])
 
 
 def check_spectral_arguments(args: argparse.Namespace) -> None:

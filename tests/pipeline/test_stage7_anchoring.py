@@ -101,10 +101,11 @@ def test_rule_length_counts_atoms_and_disjuncts():
 # ---- held-out integrity (no model) ---------------------------------------------------------
 
 def _args(extra=()):
-    args = _stage7().build_parser().parse_args(["--circuit_agonists_path", "x", "--features_scores_dir", "y",
-                                                "--search_epsilon", "0.2", "--npermutations", "1", *extra])
-    _stage7().validate(args)
-    return args
+    from lib.pipeline.config import parse_config
+    from lib.pipeline.stage7_anchoring import Stage7Config
+
+    return parse_config(Stage7Config, ["--circuit_agonists_path", "x", "--features_scores_dir", "y",
+                                       "--search_epsilon", "0.2", "--npermutations", "1", *extra])
 
 
 def _synthetic_frame(seed=0, n=200):

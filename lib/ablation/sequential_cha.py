@@ -165,6 +165,7 @@ class _Evaluator:
         self.evaluations = 0  # group evaluations (a node or background group counts once)
         self.forward_rows = 0  # (group, prompt) generations, both slices
         self._counted: set[int] = set()
+        self._alive: list[object] = []  # keeps counted keys alive, so their ids are never reused
 
     def extend(self, items: list[tuple[object, Mapping[int, Sequence[int]], list[SliceResult], int]], hi: int) -> None:
         """Bring every item to `hi` prompts per slice; items are (key, group, results, n_done)."""
@@ -178,6 +179,7 @@ class _Evaluator:
                 key, _, res, _ = items[j]
                 if id(key) not in self._counted:
                     self._counted.add(id(key))
+                    self._alive.append(key)
                     self.evaluations += 1
                 self.forward_rows += len(a.flips) + len(u.flips)
                 if not res:

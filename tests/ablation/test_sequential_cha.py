@@ -105,6 +105,7 @@ def test_planted_units_are_found_at_a_fraction_of_exhaustive_forward_rows(seed):
     ref, ref_cost = run_sequential_exhaustive(m.units, m.tester, N_MAX, st)
     truth = {(r["layer"], r["unit"]) for r in ref if r["high_impact"]}
     assert set(m.planted) <= truth, "every planted unit is high-impact in the exhaustive reference"
+    assert ref_cost["evaluations"] == 512 and ref_cost["forward_rows"] == 512 * 2 * N_MAX
     recs, cost = run_sequential_cha(m.units, m.tester, N_MAX, tuple(m.base), "positive", st, np.random.default_rng(seed))
     found = _found(recs)
     assert truth <= found, f"missed {truth - found}"

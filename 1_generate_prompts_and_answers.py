@@ -10,53 +10,45 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
-from lib.pipeline.cli import UsageError, run_main
-from lib.models.resolution import EMBEDDED_MODELS
+from lib.pipeline.cli import recorded_stage, run_main
+from lib.pipeline.config import build_parser as config_parser, parse_config
+
+if TYPE_CHECKING:
+    from lib.pipeline.stage1_answers import Stage1Config
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--prompts_answers_pkl_file", required=True,
-                   help="stage-1 cache pickle: loaded if present, else created")
-    p.add_argument("--ai_model", default="Qwen/Qwen2-7B-Instruct",
-                   help="analysed LLM: Hugging Face id (optional @stepN revision), local folder, .gguf "
-                        f"file, or embedded alias ({', '.join(EMBEDDED_MODELS)})")
-    p.add_argument("--ai_model_cache_dir", default=None, help="Hugging Face download cache folder")
-    p.add_argument("--batch_size", type=int, default=16, help="generation batch size")
-    p.add_argument("--task_module", default="lib.tasks.arithmetic_task", help="module exporting TASK_SPEC")
-    p.add_argument("--stats_json_out", default=None,
-                   help="folder in which dataset_stats.json is written (created)")
-    p.add_argument("--seed", type=int, default=0, help="seed for prompt subsampling and any randomness")
-    p.add_argument("--max_prompts", type=int, default=0,
-                   help="seeded subsample of this many prompts, stratified by the task (0 = all)")
-    p.add_argument("--max_new_tokens", type=int, default=0,
-                   help="answer length in tokens (0 = the task's default)")
-    p.add_argument("--regenerate", action="store_true",
-                   help="regenerate even if the pickle exists (default: reuse it)")
-    p.add_argument("--no_progress", action="store_true", help="hide the progress bar")
-    from lib.models.loading import add_model_arguments
+    """The stage's own flags (a task adds its flags once `--task_module` is known)."""
+    from lib.pipeline.stage1_answers import Stage1Config
 
-    add_model_arguments(p)
-    return p
+    return config_parser(Stage1Config, __doc__)
+
+
+def parse_args(argv: list[str] | None = None) -> tuple[Any, Stage1Config]:
+    """The task named by `--task_module` and the checked config, the task's own flags included."""
+    from lib.pipeline.stage1_answers import Stage1Config
+    from lib.tasks.base import load_task
+
+    tasks = []
+
+    def add_task_flags(parser: argparse.ArgumentParser, known: argparse.Namespace) -> None:
+        tasks.append(load_task(known.task_module))
+        tasks[-1].add_arguments(parser)
+
+    cfg = parse_config(Stage1Config, argv, __doc__, extend=add_task_flags)
+    return tasks[-1], cfg
 
 
 def main(argv: list[str] | None = None) -> int:
     from lib.pipeline.stage1_answers import run_stage1
-    from lib.tasks.base import load_task
 
-    parser = build_parser()
-    known, _ = parser.parse_known_args(argv)
-    task = load_task(known.task_module)
-    task.add_arguments(parser)
-    args = parser.parse_args(argv)
-    for flag in ("batch_size",):
-        if getattr(args, flag) < 1:
-            raise UsageError(f"--{flag} must be >= 1, got {getattr(args, flag)}")
-    for flag in ("max_prompts", "max_new_tokens"):
-        if getattr(args, flag) < 0:
-            raise UsageError(f"--{flag} must be >= 0, got {getattr(args, flag)}")
-    run_stage1(task, args)
+    task, cfg = parse_args(argv)
+    outputs = [Path(cfg.prompts_answers_pkl_file).parent, *([cfg.stats_json_out] if cfg.stats_json_out else [])]
+    with recorded_stage("stage1", cfg, lambda: outputs):
+        run_stage1(task, cfg)
     return 0
 
 

@@ -8,7 +8,7 @@ feature LLM only sees TRAIN prompts, and every filter and the imputation are fit
 
 from __future__ import annotations
 
-import argparse
+import dataclasses
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from lib.core.choices import DEFAULT_SEED
 from lib.core.files_and_cache import (
     ArtifactError,
     atomic_path,
@@ -37,9 +38,66 @@ from lib.features.filters import (
 from lib.features.llm_proposals import build_user_message, parse_feature_reply
 from lib.features.feature import Feature
 from lib.features.split import make_test_split
+from lib.pipeline.config import StageConfig, option, require
 from lib.tasks.base import TaskSpec
 
-__all__ = ["FeatureLedger", "load_stage1_table", "select_features", "run_stage2"]
+__all__ = ["DEFAULT_FEATURE_LLM", "Stage2Config", "FeatureLedger", "load_stage1_table", "select_features",
+           "run_stage2"]
+
+DEFAULT_FEATURE_LLM = "local:smollm2-135m-instruct-q4_1"
+
+
+@dataclasses.dataclass(kw_only=True)
+class Stage2Config(StageConfig):
+    """The flags of `2_generate_features.py` (short and original long names kept as aliases)."""
+
+    prompts_answers_pkl_file: str = option(help="stage-1 pickle", aliases=("-i",))
+    features_scores_dir: str = option("feature_report", "output folder", aliases=("--out_dir", "-o"))
+    cache_dir: str = option("./cache", "folder of the feature-LLM call cache", aliases=("-c",))
+    ai_model: str = option(DEFAULT_FEATURE_LLM,
+                           "feature LLM: ollama:NAME, openai:NAME, groq:NAME, local:ALIAS, or a bare name routed "
+                           f"as in the original (default: {DEFAULT_FEATURE_LLM}, runs offline)", aliases=("-m",))
+    temperature: float = option(0.3, "sampling temperature", aliases=("-T",))
+    max_tokens: int = option(0, "reply length limit of the feature LLM (0 = backend default; local: 512)")
+    n_features: int = option(16, "features requested per round", aliases=("-n",))
+    feature_extraction_steps: int = option(10, "rounds that must each yield at least one valid feature",
+                                           aliases=("--rounds", "-R"))
+    max_proposal_attempts: int = option(0, "upper bound on proposal rounds (0 = 3 x --feature_extraction_steps)")
+    num_correct_example_prompts: int = option(32, "positive prompts shown per round")
+    num_incorrect_example_prompts: int = option(32, "negative prompts shown per round")
+    no_llm_feature_generation: bool = option(False, "seed features only", aliases=("--no_llm",))
+    number_of_existing_features_to_show_for_diversity: int = option(
+        20, "earlier LLM features listed as 'do not repeat'")
+    drop_low_predictive_power_features: bool = option(False, aliases=("--filter_by_metrics",))
+    drop_near_duplicate_features: bool = option(False, aliases=("--drop_near_dups",))
+    near_duplicate_features_threshold: float = option(0.9999, aliases=("--dup_corr_thresh",))
+    drop_high_mad_variance_features: bool = option(False, aliases=("--drop_high_mad",))
+    train_ratio: float = option(1.0, "share of TRAIN rows used by the predictive-power filter (0 or 1 = all)",
+                                aliases=("-t",))
+    min_auc: float = option(0.0, "active only if > 0")
+    min_delta: float = option(0.2, "active only if > 0")
+    min_ap_above_base: float = option(0.0, "active if > -1")
+    z_thresh: float = option(10.0, "MAD robust-z cut")
+    max_number_of_prompts_to_analyze: int = option(0, "seeded random subset of rows (0 = all)",
+                                                   aliases=("--max_prompts",))
+    feature_timeout: float = option(10.0, "CPU seconds a feature may use per 5,000 rows (wall clock: twice that)")
+    sanity_rows: int = option(10, "rows every proposed feature must run on")
+    seed: int = option(DEFAULT_SEED, "global seed", aliases=("--random_seed",))
+    task_module: str = option("lib.tasks.arithmetic_task", "module exporting TASK_SPEC")
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        for flag in ("n_features", "feature_extraction_steps", "num_correct_example_prompts",
+                     "num_incorrect_example_prompts"):
+            require(getattr(self, flag) >= 1 or self.no_llm_feature_generation,
+                    f"--{flag} must be >= 1, got {getattr(self, flag)}")
+        for flag in ("max_number_of_prompts_to_analyze", "max_proposal_attempts",
+                     "number_of_existing_features_to_show_for_diversity"):
+            require(getattr(self, flag) >= 0, f"--{flag} must be >= 0, got {getattr(self, flag)}")
+        require(0 <= self.train_ratio <= 1, f"--train_ratio must be in [0, 1], got {self.train_ratio}")
+        require(0 < self.near_duplicate_features_threshold <= 1,
+                "--near_duplicate_features_threshold must be in (0, 1]")
+        require(self.feature_timeout > 0, "--feature_timeout must be > 0")
 
 
 @dataclass
@@ -89,7 +147,7 @@ def load_stage1_table(task: TaskSpec, pkl: str, max_rows: int, seed: int) -> pd.
     return df
 
 
-def _propose_features(task: TaskSpec, args: argparse.Namespace, df: pd.DataFrame, train: np.ndarray,
+def _propose_features(task: TaskSpec, cfg: Stage2Config, df: pd.DataFrame, train: np.ndarray,
                       sandbox: Any, prompts: list[str], infos: list[dict], ledger: FeatureLedger) -> list[Feature]:
     """Run proposal rounds until `feature_extraction_steps` rounds gave a valid feature (bounded)."""
     from lib.models.llm_clients import instruct_model
@@ -98,24 +156,24 @@ def _propose_features(task: TaskSpec, args: argparse.Namespace, df: pd.DataFrame
     y = df[target].astype(bool).to_numpy()
     pos = [prompts[i] for i in np.flatnonzero(train & y)]
     neg = [prompts[i] for i in np.flatnonzero(train & ~y)]
-    rng = random.Random(args.seed)
-    sample_idx = [i for i in np.flatnonzero(train)[: max(10, args.sanity_rows)]]
+    rng = random.Random(cfg.seed)
+    sample_idx = [i for i in np.flatnonzero(train)[: max(10, cfg.sanity_rows)]]
     sample_prompts = [prompts[i] for i in sample_idx]
     sample_infos = [infos[i] for i in sample_idx]
     proposed: list[Feature] = []
     successes, attempts = 0, 0
-    max_attempts = args.max_proposal_attempts or 3 * args.feature_extraction_steps
+    max_attempts = cfg.max_proposal_attempts or 3 * cfg.feature_extraction_steps
     system = task.SYSTEM_PROMPT
-    while successes < args.feature_extraction_steps and attempts < max_attempts:
+    while successes < cfg.feature_extraction_steps and attempts < max_attempts:
         attempts += 1
         rng.shuffle(pos)
         rng.shuffle(neg)
-        shown = rng.sample(proposed, min(args.number_of_existing_features_to_show_for_diversity, len(proposed)))
-        user = build_user_message(pos[: args.num_correct_example_prompts], neg[: args.num_incorrect_example_prompts],
-                                  shown, args.n_features, task.TOKENS_DICT_KEYS)
-        reply = instruct_model(args.ai_model, [(system, user)], temperature=args.temperature,
-                               cache_dir=args.cache_dir, seed=args.seed + attempts,
-                               max_tokens=args.max_tokens or None)[0]
+        shown = rng.sample(proposed, min(cfg.number_of_existing_features_to_show_for_diversity, len(proposed)))
+        user = build_user_message(pos[: cfg.num_correct_example_prompts], neg[: cfg.num_incorrect_example_prompts],
+                                  shown, cfg.n_features, task.TOKENS_DICT_KEYS)
+        reply = instruct_model(cfg.ai_model, [(system, user)], temperature=cfg.temperature,
+                               cache_dir=cfg.cache_dir, seed=cfg.seed + attempts,
+                               max_tokens=cfg.max_tokens or None)[0]
         cands, bad = parse_feature_reply(reply)
         for label, reason in bad:
             ledger.add(label, "llm", "dropped", reason, attempts)
@@ -128,9 +186,9 @@ def _propose_features(task: TaskSpec, args: argparse.Namespace, df: pd.DataFrame
         proposed.extend(valid)
         successes += bool(valid)
         print(f"[stage2] round {attempts}: {len(valid)} valid of {len(cands) + len(bad)} proposed "
-              f"({successes}/{args.feature_extraction_steps} successful rounds)", flush=True)
-    if successes < args.feature_extraction_steps:
-        print(f"[stage2] warning: only {successes} of {args.feature_extraction_steps} rounds produced a valid "
+              f"({successes}/{cfg.feature_extraction_steps} successful rounds)", flush=True)
+    if successes < cfg.feature_extraction_steps:
+        print(f"[stage2] warning: only {successes} of {cfg.feature_extraction_steps} rounds produced a valid "
               f"feature after {attempts} attempts; continuing with what was found", flush=True)
     return proposed
 
@@ -149,7 +207,7 @@ def _dedupe(features: list[Feature], ledger: FeatureLedger) -> list[Feature]:
 
 
 def select_features(X: np.ndarray, y: np.ndarray, train: np.ndarray, labels: list[str],
-                    args: argparse.Namespace) -> tuple[list[int], dict[int, str]]:
+                    cfg: Stage2Config) -> tuple[list[int], dict[int, str]]:
     """Columns kept by the enabled filters, fitted on TRAIN rows only, and why each other one was dropped."""
     keep = list(range(X.shape[1]))
     reasons: dict[int, str] = {}
@@ -162,28 +220,28 @@ def select_features(X: np.ndarray, y: np.ndarray, train: np.ndarray, labels: lis
 
     Xt, yt = X[train], y[train]
     apply(drop_constant(Xt[:, keep]))
-    if args.drop_high_mad_variance_features and keep:
-        apply(mad_high_variance_filter(Xt[:, keep], args.z_thresh))
-    if args.drop_low_predictive_power_features and keep:
+    if cfg.drop_high_mad_variance_features and keep:
+        apply(mad_high_variance_filter(Xt[:, keep], cfg.z_thresh))
+    if cfg.drop_low_predictive_power_features and keep:
         sel = np.arange(len(yt))
-        if 0 < args.train_ratio < 1:
-            rs = np.random.default_rng(args.seed)
-            sel = np.sort(rs.choice(sel, size=max(2, int(round(args.train_ratio * len(sel)))), replace=False))
-        res, _ = predictive_power_filter(Xt[sel][:, keep], yt[sel], args.min_auc, args.min_delta,
-                                         args.min_ap_above_base)
+        if 0 < cfg.train_ratio < 1:
+            rs = np.random.default_rng(cfg.seed)
+            sel = np.sort(rs.choice(sel, size=max(2, int(round(cfg.train_ratio * len(sel)))), replace=False))
+        res, _ = predictive_power_filter(Xt[sel][:, keep], yt[sel], cfg.min_auc, cfg.min_delta,
+                                         cfg.min_ap_above_base)
         apply(res)
-    if args.drop_near_duplicate_features and keep:
-        apply(near_duplicate_filter(Xt[:, keep], args.near_duplicate_features_threshold, [labels[j] for j in keep]))
+    if cfg.drop_near_duplicate_features and keep:
+        apply(near_duplicate_filter(Xt[:, keep], cfg.near_duplicate_features_threshold, [labels[j] for j in keep]))
     return keep, reasons
 
 
-def run_stage2(task: TaskSpec, args: argparse.Namespace) -> Path:
-    """Write scores.csv, features.json and feature_report.md into `args.features_scores_dir`."""
+def run_stage2(task: TaskSpec, cfg: Stage2Config) -> Path:
+    """Write scores.csv, features.json and feature_report.md into `cfg.features_scores_dir`."""
     from lib.features.sandbox import FeatureSandbox
 
-    set_deterministic(args.seed)
-    out_dir = ensure_writable_dir(args.features_scores_dir, "--features_scores_dir")
-    df = load_stage1_table(task, args.prompts_answers_pkl_file, args.max_number_of_prompts_to_analyze, args.seed)
+    set_deterministic(cfg.seed)
+    out_dir = ensure_writable_dir(cfg.features_scores_dir, "--features_scores_dir")
+    df = load_stage1_table(task, cfg.prompts_answers_pkl_file, cfg.max_number_of_prompts_to_analyze, cfg.seed)
     target = task.DEFAULT_TARGETS[0]
     y = df[target].astype(bool).to_numpy()
     if y.all() or not y.any():
@@ -197,16 +255,16 @@ def run_stage2(task: TaskSpec, args: argparse.Namespace) -> Path:
         ledger.add(f.label, "predefined", "scored")
 
     # Limits are per feature over the whole table: scale them with its size.
-    cpu_s = args.feature_timeout * max(1.0, len(df) / 5000)
+    cpu_s = cfg.feature_timeout * max(1.0, len(df) / 5000)
     with FeatureSandbox(timeout_s=2 * cpu_s, cpu_s=cpu_s) as sandbox:
         seed_res = sandbox.evaluate(seeds, prompts, infos)
         for feat, reason in seed_res.rejected:
             ledger.set_status(feat.label, "dropped", f"sandbox: {reason}")
-        is_test = make_test_split(seed_res.matrix, y, args.seed)
+        is_test = make_test_split(seed_res.matrix, y, cfg.seed)
         train = ~is_test
         llm_feats: list[Feature] = []
-        if not args.no_llm_feature_generation:
-            llm_feats = _propose_features(task, args, df, train, sandbox, prompts, infos, ledger)
+        if not cfg.no_llm_feature_generation:
+            llm_feats = _propose_features(task, cfg, df, train, sandbox, prompts, infos, ledger)
         llm_feats = _dedupe([*seed_res.kept, *llm_feats], ledger)[len(seed_res.kept):]
         llm_res = sandbox.evaluate(llm_feats, prompts, infos) if llm_feats else None
 
@@ -218,7 +276,7 @@ def run_stage2(task: TaskSpec, args: argparse.Namespace) -> Path:
     X = np.hstack(blocks) if blocks else np.zeros((len(df), 0))
     names = sanitize_column_names([f.label for f in features], reserved=[*df.columns, "is_test", "split"])
 
-    keep, reasons = select_features(X, y, train, [f.label for f in features], args)
+    keep, reasons = select_features(X, y, train, [f.label for f in features], cfg)
     for j, reason in reasons.items():
         ledger.set_status(features[j].label, "dropped", reason)
     for j in keep:

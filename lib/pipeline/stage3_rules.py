@@ -7,7 +7,7 @@ fake-target control and one-class targets, and writes the stage's files.
 
 from __future__ import annotations
 
-import argparse
+import dataclasses
 import json
 import logging
 from pathlib import Path
@@ -16,12 +16,54 @@ from typing import Callable, Sequence
 import numpy as np
 import pandas as pd
 
+from lib.core.choices import DEFAULT_SEED
 from lib.core.files_and_cache import write_csv_atomic
+from lib.pipeline.config import StageConfig, option, require
+from lib.rules.combos import DEFAULT_MIN_MCC_GAIN
 from lib.rules.extraction import make_fake_targets, run_rule_extraction
 
-__all__ = ["run_stage3", "resolve_feature_columns", "write_empty_rule_files", "EMPTY_RULE_COLUMNS"]
+__all__ = ["Stage3Config", "run_stage3", "resolve_feature_columns", "write_empty_rule_files", "EMPTY_RULE_COLUMNS"]
 
 log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass(kw_only=True)
+class Stage3Config(StageConfig):
+    """The flags of `3_extract_rules.py`. `--random_seed` (the original name) is an alias of `--seed`."""
+
+    features_scores_dir: str = option(help="folder holding scores.csv and features.json")
+    rules_dir: str = option("xai_analyses_results", "output folder")
+    seed: int = option(DEFAULT_SEED, "global seed", aliases=("--random_seed",))
+    fake_targets: bool = option(False, "incorrect-rules control: explain random <t>_fake targets instead")
+    fake_target_max_abs_corr: float = option(0.05, "accept a fake target once |Pearson r| with the real one is <= this")
+    fake_target_max_tries: int = option(500, "resampling attempts per target")
+    fast_shap_estimate: bool = option(False, "force the permutation SHAP estimator")
+    npermutations: int = option(10, "antithetic feature orderings per row in the SHAP permutation estimator")
+    only_unique_datapoints_in_shap: bool = option(False, "deduplicate (features, target) rows before SHAP")
+    epsilon: float = option(0.1, "SHAP background = per-feature minimum - epsilon")
+    use_shap_in_xgb: bool = option(False, "SHAP-weighted column sampling in the trees")
+    use_shap_in_lasso: bool = option(False, "SHAP-weighted Lasso over the rules")
+    only_unique_datapoints_in_rule_extraction: bool = option(
+        False, "deduplicate (features, target) rows before tree fitting and selection")
+    task_module: str = option("lib.tasks.arithmetic_task", "module exporting TASK_SPEC")
+    min_combo_mcc_gain: float = option(DEFAULT_MIN_MCC_GAIN,
+                                       "the greedy OR-combo stops when adding a literal raises MCC by this much or "
+                                       "less (0 = the original's rule)")
+    n_estimators: int = option(500, "number of trees", hidden=True)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        require(self.npermutations >= 1, f"--npermutations must be >= 1, got {self.npermutations}")
+        require(self.fake_target_max_tries >= 1,
+                f"--fake_target_max_tries must be >= 1, got {self.fake_target_max_tries}")
+        require(0 <= self.fake_target_max_abs_corr <= 1, "--fake_target_max_abs_corr must be in [0, 1]")
+        require(self.epsilon >= 0, "--epsilon must be >= 0")
+        require(self.n_estimators >= 1, "--n_estimators must be >= 1")
+
+    @property
+    def random_seed(self) -> int:
+        """The seed under its original name, which `lib.rules.extraction` reads."""
+        return self.seed
 
 
 def _to_float_target(s: pd.Series) -> pd.Series:
@@ -81,20 +123,20 @@ def resolve_feature_columns(columns: Sequence[str], labels: Sequence[str], targe
     return [c for c in columns if c in names and c not in tset]
 
 
-def run_stage3(args: argparse.Namespace, echo: Callable[[str], None] = print) -> dict[str, dict]:
+def run_stage3(cfg: Stage3Config, echo: Callable[[str], None] = print) -> dict[str, dict]:
     """Stage 3 (§3): read stage-2 outputs, validate, build (fake) targets, split, extract rules."""
-    from lib.core.files_and_cache import ArtifactError, atomic_write_json, set_deterministic
+    from lib.core.files_and_cache import ArtifactError, atomic_write_json, ensure_writable_dir, set_deterministic
     from lib.tasks.base import load_task
 
-    set_deterministic(args.random_seed)
-    task = load_task(args.task_module)
+    set_deterministic(cfg.seed)
+    task = load_task(cfg.task_module)
     targets = list(task.DEFAULT_TARGETS)
-    in_dir = Path(args.features_scores_dir)
+    in_dir = Path(cfg.features_scores_dir)
     scores_path, feats_path = in_dir / "scores.csv", in_dir / "features.json"
     for p in (scores_path, feats_path):
         if not p.is_file():
             raise ArtifactError(f"'{p}' does not exist (run stage 2 first or pass another --features_scores_dir)")
-    rules_dir = ensure_writable_dir(args.rules_dir, "--rules_dir")
+    rules_dir = ensure_writable_dir(cfg.rules_dir, "--rules_dir")
     try:
         df = pd.read_csv(scores_path, low_memory=False)
     except Exception as exc:
@@ -107,7 +149,7 @@ def run_stage3(args: argparse.Namespace, echo: Callable[[str], None] = print) ->
                             f"({type(exc).__name__}: {exc})") from None
     for t in targets:
         if t not in df.columns:
-            raise ArtifactError(f"'{scores_path}' has no target column '{t}' (task {args.task_module})")
+            raise ArtifactError(f"'{scores_path}' has no target column '{t}' (task {cfg.task_module})")
         df[t] = _to_float_target(df[t])
 
     features = resolve_feature_columns(list(df.columns), labels, targets)
@@ -128,10 +170,10 @@ def run_stage3(args: argparse.Namespace, echo: Callable[[str], None] = print) ->
                                     f"(e.g. {col[bad].iloc[0]!r})")
         df[c] = num.astype(np.float64).fillna(0.0)
 
-    if args.fake_targets:
+    if cfg.fake_targets:
         try:
-            df, report = make_fake_targets(df, targets, args.random_seed, args.fake_target_max_abs_corr,
-                                           args.fake_target_max_tries)
+            df, report = make_fake_targets(df, targets, cfg.seed, cfg.fake_target_max_abs_corr,
+                                           cfg.fake_target_max_tries)
         except ValueError as exc:
             raise ArtifactError(str(exc)) from None
         atomic_write_json(rules_dir / "fake_targets_report.json", report)
@@ -164,7 +206,7 @@ def run_stage3(args: argparse.Namespace, echo: Callable[[str], None] = print) ->
         return results
     echo(f"[stage3] {len(features)} features, {len(train)} train rows"
          + (f", {len(test)} held-out test rows" if test is not None else "") + f"; targets {targets}")
-    results.update(run_rule_extraction(train, features, targets, args, eval_df=test, rules_dir=rules_dir, echo=echo))
+    results.update(run_rule_extraction(train, features, targets, cfg, eval_df=test, rules_dir=rules_dir, echo=echo))
     return results
 
 

@@ -9,12 +9,12 @@ of `lib.pipeline.feature_table.load_analysis_table`. Stages 5, 6 and 7 read plan
 
 from __future__ import annotations
 
-import argparse
+import dataclasses
 import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, get_args
 
 import numpy as np
 import pandas as pd
@@ -22,9 +22,12 @@ from tqdm.auto import tqdm
 
 from lib.pipeline.feature_table import (AnalysisTable, load_analysis_table, load_primary_rules, prompts_sha256,
                                 rule_mask)
+from lib.core.choices import DEFAULT_SEED, BaselineSubset, Device, Dtype, RepPooling, SpectralSpace
 from lib.core.files_and_cache import ArtifactError, atomic_write_json, set_deterministic
 from lib.models.loading import load_analysed_model
-from lib.sampling.spectral import (KCenterResult, RepresentationSettings, compute_representations,
+from lib.pipeline.config import StageConfig, option, require
+from lib.sampling.spectral import (DEFAULT_REP_HOOK, SPECTRAL_HELP, KCenterResult, RepresentationSettings,
+                                   check_pair_metric, check_spectral_arguments, compute_representations,
                                    cover_stats, distance_summary, greedy_farthest_first_cover,
                                    kcenter_farthest_first, sample_len_tolerant_pairs,
                                    select_from_global_clusters, select_random, spectral_embedding,
@@ -32,7 +35,9 @@ from lib.sampling.spectral import (KCenterResult, RepresentationSettings, comput
 from lib.tasks.base import load_task
 
 __all__ = [
+    "Selection",
     "SELECTIONS",
+    "Stage4Config",
     "PAIRING_METHOD",
     "PlanError",
     "PlanOptions",
@@ -49,7 +54,8 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-SELECTIONS = ("spectral", "random")
+Selection = Literal["spectral", "random"]
+SELECTIONS: tuple[str, ...] = get_args(Selection)
 PAIRING_METHOD = "exact_dot_product_len_matched"
 STATS_SKIPPED = {"status": "skipped", "reason": "--compute_cover_stats not set"}
 
@@ -359,53 +365,110 @@ def load_sampling_plan(path: str | Path, expected_dataset_size: int | None = Non
 # Stage 4 driver
 
 
-def options_from_args(args: argparse.Namespace) -> PlanOptions:
-    """PlanOptions of parsed stage-4 flags."""
-    return PlanOptions(min_points=args.min_points_per_ablation, max_points=args.max_points_per_ablation,
-                       coverage_radius=args.coverage_radius, use_global_clusters=args.use_global_clusters,
-                       global_n_clusters=args.global_n_clusters,
-                       pair_by_similarity=args.pair_by_similarity_len_matched,
-                       pair_len_tolerance=args.pair_len_tolerance, pair_metric=args.pair_similarity_metric,
-                       compute_cover_stats=args.compute_cover_stats, stats_sample_size=args.stats_sample_size,
-                       stats_chunk_size=args.stats_chunk_size, selection=args.selection, seed=args.seed)
+@dataclasses.dataclass(kw_only=True)
+class Stage4Config(StageConfig):
+    """The flags of `4_spectral_sample_datapoints.py`: spec §2.1 plus --dtype, --selection and --no_progress."""
+
+    features_scores_dir: str = option(help="folder with scores.csv (stage 2)")
+    rules_dir: str = option(help="rule folder (stage 3's xai_analyses_results)")
+    rules_glob: str = option("association_rules_*.csv",
+                             "rule-file prefix: files <prefix>_<target>.csv; the pipeline passes optimal_rule_set")
+    fake_targets: bool = option(False, "use the <target>_fake rule file")
+    ai_model: str = option(help="analysed model (hub id, folder, .gguf or embedded alias)")
+    ai_model_cache_dir: str | None = option(None, "model cache folder")
+    use_global_clusters: bool = option(
+        False, "k-center cluster all rows once and pick one medoid per cluster, then fill at random")
+    global_n_clusters: int = option(256, "number of global k-center clusters")
+    coverage_radius: float = option(0.5, "L2 radius of the greedy cover (only sets stopped_reason and cover stats)")
+    max_points_per_ablation: int = option(512, "max selected rows (= pairs) per rule")
+    min_points_per_ablation: int = option(32, "a rule needs this many rows on both sides; max is raised to it if smaller")
+    batch_size: int = option(16, "representation batch size")
+    seed: int = option(DEFAULT_SEED, "seed: the same seed gives the same plan", aliases=("--random_seed",))
+    output_path: str = option(help="plan JSON path (parents created)")
+    baseline_subset: BaselineSubset = option("all",
+                                             "rows kept: all, primary target True (positive) or False (negative)")
+    pair_by_similarity_len_matched: bool = option(
+        False, "match each associated row to its nearest unrelated row within --pair_len_tolerance")
+    pair_len_tolerance: int = option(0, "max |token length difference| in pairing")
+    pair_similarity_metric: str = option("cosine", "pairing distance: cosine, euclidean or any SciPy cdist metric name")
+    compute_cover_stats: bool = option(False, "add coverage statistics to the plan")
+    stats_sample_size: int = option(200000, "subsample size for distance quantiles (<= 0: exact)")
+    stats_chunk_size: int = option(8192, "row chunk for nearest-center search")
+    task_module: str = option("lib.tasks.arithmetic_task", "module exporting TASK_SPEC")
+    spectral_space: SpectralSpace = option("hidden", SPECTRAL_HELP["spectral_space"])
+    rep_hook_name: str = option(DEFAULT_REP_HOOK, SPECTRAL_HELP["rep_hook_name"])
+    rep_pooling: RepPooling = option("mean", SPECTRAL_HELP["rep_pooling"])
+    max_seq_len: int | None = option(None, SPECTRAL_HELP["max_seq_len"])
+    spectral_dim: int = option(16, SPECTRAL_HELP["spectral_dim"])
+    spectral_cache_dir: str | None = option(None, SPECTRAL_HELP["spectral_cache_dir"])
+    device: Device = option("auto", "where to run the analysed model (auto: cuda > mps > cpu)")
+    dtype: Dtype = option("auto", "weights/activation dtype (auto: float32, as TransformerLens uses)")
+    selection: Selection = option("spectral", "spectral: coverage picks (default); random: uniform random control plan")
+    no_progress: bool = option(False, "no progress bars")
+
+    def __post_init__(self) -> None:
+        """Reject flag values that cannot work, naming the flag."""
+        super().__post_init__()
+        check_spectral_arguments(self)
+        for flag in ("global_n_clusters", "max_points_per_ablation", "min_points_per_ablation", "batch_size",
+                     "stats_chunk_size"):
+            require(getattr(self, flag) >= 1, f"--{flag} must be >= 1, got {getattr(self, flag)}")
+        require(self.pair_len_tolerance >= 0, f"--pair_len_tolerance must be >= 0, got {self.pair_len_tolerance}")
+        require(self.coverage_radius >= 0, f"--coverage_radius must be >= 0, got {self.coverage_radius}")
+        check_pair_metric(self.pair_similarity_metric)
+        if self.selection == "random":
+            for flag in ("use_global_clusters", "pair_by_similarity_len_matched"):
+                require(not getattr(self, flag),
+                        f"--selection random picks both sides uniformly at random; drop --{flag}")
 
 
-def _header(args: argparse.Namespace, table: AnalysisTable) -> dict:
+def options_from_args(cfg: Stage4Config) -> PlanOptions:
+    """PlanOptions of a stage-4 config."""
+    return PlanOptions(min_points=cfg.min_points_per_ablation, max_points=cfg.max_points_per_ablation,
+                       coverage_radius=cfg.coverage_radius, use_global_clusters=cfg.use_global_clusters,
+                       global_n_clusters=cfg.global_n_clusters,
+                       pair_by_similarity=cfg.pair_by_similarity_len_matched,
+                       pair_len_tolerance=cfg.pair_len_tolerance, pair_metric=cfg.pair_similarity_metric,
+                       compute_cover_stats=cfg.compute_cover_stats, stats_sample_size=cfg.stats_sample_size,
+                       stats_chunk_size=cfg.stats_chunk_size, selection=cfg.selection, seed=cfg.seed)
+
+
+def _header(cfg: Stage4Config, table: AnalysisTable) -> dict:
     """Top-level plan keys that echo the inputs and representation settings (spec §2.8 order)."""
     return {"scores_path": str(table.scores_path), "prompt_col": table.prompt_col,
-            "baseline_subset": table.baseline_subset, "ai_model": args.ai_model,
-            "ai_model_cache_dir": args.ai_model_cache_dir, "spectral_space": args.spectral_space,
-            "rep_hook_name": args.rep_hook_name, "rep_pooling": args.rep_pooling, "max_seq_len": args.max_seq_len,
-            "spectral_dim": int(args.spectral_dim)}
+            "baseline_subset": table.baseline_subset, "ai_model": cfg.ai_model,
+            "ai_model_cache_dir": cfg.ai_model_cache_dir, "spectral_space": cfg.spectral_space,
+            "rep_hook_name": cfg.rep_hook_name, "rep_pooling": cfg.rep_pooling, "max_seq_len": cfg.max_seq_len,
+            "spectral_dim": int(cfg.spectral_dim)}
 
 
-def run_stage4(args: argparse.Namespace) -> Path:
+def run_stage4(cfg: Stage4Config) -> Path:
     """Load table, rules and model; build and write the plan; return its path."""
-    task = load_task(args.task_module)
-    table = load_analysis_table(args.features_scores_dir, task, args.baseline_subset)
+    task = load_task(cfg.task_module)
+    table = load_analysis_table(cfg.features_scores_dir, task, cfg.baseline_subset)
     if len(table.df) == 0:
-        raise ArtifactError(f"'{table.scores_path}' has no TRAIN rows with --baseline_subset {args.baseline_subset}")
-    rules = load_primary_rules(args.rules_dir, args.rules_glob, table.target_col, args.fake_targets)
-    rule_target = f"{table.target_col}_fake" if args.fake_targets else table.target_col
+        raise ArtifactError(f"'{table.scores_path}' has no TRAIN rows with --baseline_subset {cfg.baseline_subset}")
+    rules = load_primary_rules(cfg.rules_dir, cfg.rules_glob, table.target_col, cfg.fake_targets)
+    rule_target = f"{table.target_col}_fake" if cfg.fake_targets else table.target_col
     for _, r in rules.iterrows():  # fail on a bad rule before the model loads
         rule_mask(table.df, str(r["rule"]), str(r["coefficient_sign"]))
-    set_deterministic(args.seed)
-    opts = options_from_args(args)
-    model = load_analysed_model(args.ai_model, device=args.device, dtype=args.dtype,
-                                ai_model_cache_dir=args.ai_model_cache_dir)
-    progress = not args.no_progress
-    reps = compute_representations(model, table.prompts, RepresentationSettings.from_args(args),
-                                   batch_size=args.batch_size, cache_dir=args.spectral_cache_dir, progress=progress)
-    inputs = PlanInputs(reps, spectral_embedding(reps, args.spectral_dim))
+    set_deterministic(cfg.seed)
+    opts = options_from_args(cfg)
+    model = load_analysed_model(cfg.ai_model, device=cfg.device, dtype=cfg.dtype,
+                                ai_model_cache_dir=cfg.ai_model_cache_dir)
+    progress = not cfg.no_progress
+    reps = compute_representations(model, table.prompts, RepresentationSettings.from_args(cfg),
+                                   batch_size=cfg.batch_size, cache_dir=cfg.spectral_cache_dir, progress=progress)
+    inputs = PlanInputs(reps, spectral_embedding(reps, cfg.spectral_dim))
     if opts.pair_by_similarity:
         inputs.lengths = token_lengths(model.tokenizer, table.prompts)
     if opts.use_global_clusters:
-        inputs.clusters = kcenter_farthest_first(inputs.Z, opts.global_n_clusters, np.random.default_rng([args.seed, 0]))
-    plan = build_sampling_plan(table, rules, rule_target, inputs, opts, _header(args, table), progress=progress)
-    out = write_sampling_plan(args.output_path, plan)
+        inputs.clusters = kcenter_farthest_first(inputs.Z, opts.global_n_clusters, np.random.default_rng([cfg.seed, 0]))
+    plan = build_sampling_plan(table, rules, rule_target, inputs, opts, _header(cfg, table), progress=progress)
+    out = write_sampling_plan(cfg.output_path, plan)
     n_ok = sum(e["status"] == "ok" for e in plan["rules"])
     print(f"wrote {out}: {n_ok} ok / {len(plan['rules'])} rules, {plan['dataset_size']} rows "
-          f"(--baseline_subset {args.baseline_subset}, --selection {args.selection})")
+          f"(--baseline_subset {cfg.baseline_subset}, --selection {cfg.selection})")
     for e in plan["rules"]:
         if e["status"] != "ok":
             print(f"  rule {e['rule_id']} skipped: {e['reason']}")

@@ -51,6 +51,10 @@ def test_end_to_end_writes_cache_stats_and_identity(stage1_run):
     meta = json.loads(pkl.with_name("llm_io_data.meta.json").read_text())
     assert meta["ai_model"] == SMOLLM2 and meta["task"] == "arithmetic" and meta["n_prompts"] == 32
     assert not list(pkl.parent.glob("*.partial*")) and not list(pkl.parent.glob(".*tmp"))
+    for folder in (pkl.parent, out / "report"):  # both output folders record the run
+        entry = json.loads((folder / "run_manifest.json").read_text())["stages"]["stage1"]
+        assert entry["seed"] == 42 and entry["device"] == "cpu" and entry["config"]["max_prompts"] == 32
+        assert entry["config"]["prompt_format"] == "auto"  # the task's own flags too
 
 
 def test_answers_are_the_models_real_answers(stage1_run, smollm2):
@@ -125,6 +129,20 @@ def test_bad_input_gives_one_clear_error_and_no_artifact(tmp_path, extra, needle
     assert needle in res.stderr and "Traceback" not in res.stderr
     assert len(res.stderr.strip().splitlines()) == 1
     assert not pkl.exists() and not list(tmp_path.rglob("*.partial*"))
+
+
+@pytest.mark.parametrize("extra, needle", [
+    (["--device", "gpu"], "--device"),
+    (["--dtype", "int3"], "--dtype"),
+    (["--max_prompts", "-1"], "--max_prompts must be >= 0, got -1"),
+    (["--prompt_format", "chat"], "--prompt_format"),  # a task flag
+])
+def test_bad_flag_value_exits_2_naming_the_flag(tmp_path, extra, needle):
+    pkl = tmp_path / "llm_io_data.pkl"
+    res = stage1("--prompts_answers_pkl_file", str(pkl), *extra)
+    assert res.returncode == 2, res.stderr
+    assert needle in res.stderr and "Traceback" not in res.stderr
+    assert not list(tmp_path.iterdir())
 
 
 def test_unreadable_pickle_is_named(tmp_path):

@@ -69,6 +69,9 @@ def test_seed_features_only_end_to_end_and_byte_identical_rerun(pkl, tmp_path):
     assert df["prompt"].tolist() == sorted(df["prompt"], reverse=True)
     report = (out1 / "feature_report.md").read_text()
     assert "| Same sign | predefined |  | dropped | constant on train rows |" in report
+    entry = json.loads((out1 / "run_manifest.json").read_text())["stages"]["stage2"]
+    assert entry["seed"] == 42 and entry["config"]["no_llm_feature_generation"] is True
+    assert entry["config"]["features_scores_dir"] == str(out1)
 
 
 def test_llm_features_over_the_openai_protocol(pkl, tmp_path):
@@ -147,3 +150,16 @@ def test_missing_pickle_is_a_clear_error(tmp_path):
     res = stage2("-i", str(tmp_path / "nope.pkl"), "-o", str(tmp_path / "out"), "--no_llm")
     assert res.returncode == 2 and "nope.pkl" in res.stderr and "Traceback" not in res.stderr
     assert not (tmp_path / "out" / "scores.csv").exists()
+
+
+@pytest.mark.parametrize("extra, needle", [
+    (["--train_ratio", "2"], "--train_ratio must be in [0, 1], got 2.0"),
+    (["--n_features", "0"], "--n_features must be >= 1, got 0"),
+    (["--temperature", "warm"], "--temperature"),
+    (["--seed", "x"], "--seed"),
+])
+def test_bad_flag_value_exits_2_naming_the_flag(pkl, tmp_path, extra, needle):
+    res = stage2("-i", str(pkl), "-o", str(tmp_path / "out"), *extra)
+    assert res.returncode == 2, res.stderr
+    assert needle in res.stderr and "Traceback" not in res.stderr
+    assert not (tmp_path / "out").exists()

@@ -187,6 +187,34 @@ def test_single_class_target_on_train_rows(tmp_path):
 
     assert len(load_rules(out / "optimal_rule_set_is_correct.csv")) == 0
     assert "single class" in json.loads((out / "rule_extraction_skipped_is_correct.json").read_text())["reason"]
+    entry = json.loads((out / "run_manifest.json").read_text())["stages"]["stage3"]
+    assert entry["seed"] == 42 and entry["config"]["rules_dir"] == str(out)
+
+
+def test_random_seed_is_the_seed_of_the_run(tmp_path):
+    d = planted_dir(tmp_path / "in", n=60)
+    df = pd.read_csv(d / "scores.csv")
+    df["is_correct"] = True
+    df.to_csv(d / "scores.csv", index=False)
+    for flag in ("--random_seed", "--seed"):
+        out = tmp_path / flag.strip("-")
+        res = stage3("--features_scores_dir", str(d), "--rules_dir", str(out), flag, "7")
+        assert res.returncode == 0, res.stderr
+        entry = json.loads((out / "run_manifest.json").read_text())["stages"]["stage3"]
+        assert entry["seed"] == 7 and entry["config"]["seed"] == 7 and "random_seed" not in entry["config"]
+
+
+@pytest.mark.parametrize("extra, needle", [
+    (["--npermutations", "0"], "--npermutations must be >= 1, got 0"),
+    (["--fake_target_max_abs_corr", "1.5"], "--fake_target_max_abs_corr must be in [0, 1]"),
+    (["--n_estimators", "0"], "--n_estimators must be >= 1"),
+    (["--random_seed", "x"], "--random_seed"),
+])
+def test_bad_flag_value_exits_2_naming_the_flag(planted, tmp_path, extra, needle):
+    res = stage3("--features_scores_dir", str(planted), "--rules_dir", str(tmp_path / "r"), *extra)
+    assert res.returncode == 2, res.stderr
+    assert needle in res.stderr and "Traceback" not in res.stderr
+    assert not (tmp_path / "r").exists()
 
 
 def test_string_feature_column_is_named(tmp_path):

@@ -102,6 +102,8 @@ def test_discovery_plan_real_load_and_byte_identical_rerun(workdir, capsys):
         assert pm["len_matched"] == (pm["len_diff"] == 0)  # --pair_len_tolerance 0
     out = capsys.readouterr().out
     assert "2 ok / 3 rules" in out and "rule 2 skipped" in out
+    entry = json.loads((workdir / "run_manifest.json").read_text())["stages"]["stage4"]
+    assert entry["seed"] == 42 and entry["device"] == "cpu" and entry["config"]["global_n_clusters"] == 6
 
 
 def test_same_seed_same_plan_and_length_matching(workdir, with_session_model):
@@ -178,3 +180,21 @@ def test_bad_input_gives_clear_errors(workdir, with_session_model, capsys):
     assert run_main(stage4.main, _argv(workdir, "x.json", "--features_scores_dir", str(workdir / "nope"))) == 2
     assert "scores table" in capsys.readouterr().err
     assert not (workdir / "x.json").exists()
+
+
+@pytest.mark.parametrize("extra, needle", [
+    (["--spectral_dim", "0"], "--spectral_dim must be >= 1, got 0"),
+    (["--pair_len_tolerance", "-1"], "--pair_len_tolerance must be >= 0, got -1"),
+    (["--baseline_subset", "both"], "--baseline_subset"),
+    (["--selection", "greedy"], "--selection"),
+    (["--device", "gpu"], "--device"),
+    (["--seed", "x"], "--seed"),
+])
+def test_bad_flag_value_exits_2_naming_the_flag(workdir, capsys, extra, needle):
+    try:
+        code = run_main(stage4.main, _argv(workdir, "bad.json", *extra))
+    except SystemExit as exc:  # argparse rejects the value before any work
+        code = exc.code
+    assert code == 2
+    assert needle in capsys.readouterr().err
+    assert not (workdir / "bad.json").exists()

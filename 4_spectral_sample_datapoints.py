@@ -39,7 +39,8 @@ def main(argv: list[str] | None = None) -> int:
     from lib.pipeline.stage4_sampling import Stage4Config, run_stage4
 
     cfg = parse_config(Stage4Config, argv, __doc__)
-    with recorded_stage("stage4", cfg, lambda: [Path(cfg.output_path).parent]):
+    # one entry per plan file: the discovery plan and the two anchoring plans share their folder
+    with recorded_stage(f"stage4:{Path(cfg.output_path).name}", cfg, lambda: [Path(cfg.output_path).parent]):
         run_stage4(cfg)
     return 0
 

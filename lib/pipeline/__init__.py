@@ -3,5 +3,5 @@ config framework, the CLI plumbing, the shared feature table and the pipeline ru
 May import every package below it; nothing in lib/ imports it.
 
 Tests: `cli`, `stage1_answers`, `stage2_features`, `stage3_rules` by tests/cli/test_stage{1,2,3}_cli.py;
-`config` by tests/pipeline/test_config.py.
+`config` by tests/pipeline/test_config.py; `presets` (the presets as data) by tests/pipeline/test_run.py.
 """

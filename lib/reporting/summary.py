@@ -17,6 +17,7 @@ from typing import Any, Sequence
 
 import pandas as pd
 
+from lib.core.choices import DEFAULT_SEED
 from lib.core.files_and_cache import ArtifactError
 from lib.runs.checked_io import read_json_checked
 from lib.runs.results import (DEFAULT_HQ_THRESHOLD, DEFAULT_MIN_COVERAGE, SCOPE_LABELS, BaselineResults,
@@ -181,7 +182,7 @@ def summarize(layout: ExperimentLayout, run: str, tau: float | None = None, hq: 
     if tau is None:
         tau = float(opts.tau) if opts is not None else DEFAULT_TAU
     fake = bool(opts and opts.fake_targets)
-    rules_dir = layout.model_dir / "xai_analyses_results"
+    rules_dir = layout.rules_dir
     lines = [f"MechaRule summary: task {layout.task}, model {layout.model}", f"run mode {run}", ""]
     lines += _stage1_2(layout, metric)
     rule_lines, _ = _stage3(rules_dir, f"{metric}_fake" if fake else metric)
@@ -222,13 +223,14 @@ def _build_cli() -> argparse.ArgumentParser:
                    help="agonist threshold on |max_effect| (default: the run mode's τ, 0.2 unless -tau<x>)")
     p.add_argument("--hq_threshold", type=float, default=DEFAULT_HQ_THRESHOLD)
     p.add_argument("--min_rule_dataset_coverage", type=float, default=DEFAULT_MIN_COVERAGE)
+    p.add_argument("--seed", type=int, default=DEFAULT_SEED, help="the run's seed (stages 2-3 folders of another seed carry it)")
     return p
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Print the summary of every requested run; 2 on bad options or unreadable artifacts."""
     args = _build_cli().parse_args(argv)
-    layout = ExperimentLayout(Path(args.data_root), args.task, args.model, Path(args.cache_root))
+    layout = ExperimentLayout(Path(args.data_root), args.task, args.model, Path(args.cache_root), args.seed)
     if not layout.model_dir.is_dir():
         print(f"pipeline_summary: error: no experiment folder {layout.model_dir}", file=sys.stderr)
         return 2

@@ -18,7 +18,7 @@ import sys
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
-from lib.core.choices import PLAIN_INTERVENTIONS, REGIMES
+from lib.core.choices import DEFAULT_SEED, PLAIN_INTERVENTIONS, REGIMES
 
 __all__ = [
     "DEFAULT_CIRCUIT_SIZE",
@@ -208,6 +208,7 @@ class ExperimentLayout:
     task: str
     model: str
     cache_root: Path = Path("cache")
+    seed: int = DEFAULT_SEED  # stages 2 and 3 of another seed get their own folders (`…-seed7`)
 
     @property
     def model_dir(self) -> Path:
@@ -218,8 +219,19 @@ class ExperimentLayout:
         return Path(self.cache_root) / self.task / model_folder(self.model)
 
     @property
+    def seed_suffix(self) -> str:
+        """`""` for the default seed (the original's folder names), else `-seed<S>`."""
+        return "" if int(self.seed) == DEFAULT_SEED else f"-seed{int(self.seed)}"
+
+    @property
     def feature_report_dir(self) -> Path:
-        return self.model_dir / "feature_report"
+        """Stage 2's folder (and stage 1's `dataset_stats.json`)."""
+        return self.model_dir / f"feature_report{self.seed_suffix}"
+
+    @property
+    def rules_dir(self) -> Path:
+        """Stage 3's `--rules_dir`."""
+        return self.model_dir / f"xai_analyses_results{self.seed_suffix}"
 
     @property
     def neuron_rules_dir(self) -> Path:
@@ -255,7 +267,7 @@ class ExperimentLayout:
         return self.bag_dir(opts) / f"{subset}_baseline"
 
 
-_PATH_KINDS = ("model_dir", "cache_dir", "feature_report_dir", "neuron_rules_dir", "stats_root", "stats_dir",
+_PATH_KINDS = ("model_dir", "cache_dir", "feature_report_dir", "rules_dir", "neuron_rules_dir", "stats_root", "stats_dir",
                "discovery_root", "circuits_dir", "bag_dir", "baseline_dir")
 _NAME_KINDS = ("run_mode", "circuit_label", "bag_label")
 
@@ -284,6 +296,7 @@ def _build_cli() -> argparse.ArgumentParser:
     p.add_argument("--task", default=None)
     p.add_argument("--model", default=None)
     p.add_argument("--baseline_subset", choices=BASELINE_SUBSETS, default="positive")
+    p.add_argument("--seed", type=int, default=DEFAULT_SEED, help="stages 2-3 folders of another seed carry it")
     return p
 
 
@@ -323,7 +336,7 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         if not args.task or not args.model:
             raise ValueError(f"'{args.what}' needs --task and --model")
-        layout = ExperimentLayout(Path(args.data_root), args.task, args.model, Path(args.cache_root))
+        layout = ExperimentLayout(Path(args.data_root), args.task, args.model, Path(args.cache_root), args.seed)
         if args.what in ("stats_dir", "circuits_dir", "bag_dir"):
             path = getattr(layout, args.what)(opts)
         elif args.what == "baseline_dir":

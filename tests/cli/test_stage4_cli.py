@@ -102,7 +102,8 @@ def test_discovery_plan_real_load_and_byte_identical_rerun(workdir, capsys):
         assert pm["len_matched"] == (pm["len_diff"] == 0)  # --pair_len_tolerance 0
     out = capsys.readouterr().out
     assert "2 ok / 3 rules" in out and "rule 2 skipped" in out
-    entry = json.loads((workdir / "run_manifest.json").read_text())["stages"]["stage4"]
+    stages = json.loads((workdir / "run_manifest.json").read_text())["stages"]
+    entry = stages["stage4:plan_a.json"]  # one entry per plan file of the folder
     assert entry["seed"] == 42 and entry["device"] == "cpu" and entry["config"]["global_n_clusters"] == 6
 
 

@@ -93,13 +93,22 @@ def effect_record(group: Mapping[int, Sequence[int]], assoc: Sequence[bool], unr
 
 
 def is_agonist(record: dict, tau: float) -> bool:
-    """A single unit whose flip-rate UCB reaches τ on a slice where it flipped at least one prompt.
+    """A single unit that is an agonist on one slice, bound and observed rate of the same slice.
 
-    The UCB alone would call a unit with zero flips an agonist whenever the slices are too small
-    for the bound to fall below τ (e.g. 8 prompts at τ=0.2)."""
+    Effect-statistic records (`statistic: effect_sprt`) carry the decision (flip-rate *lower*
+    bound ≥ τ on one slice). Flip-UCB records: the slice's flip-rate UCB reaches τ and the unit
+    flipped at least one prompt of that slice (the UCB alone would call a unit with zero flips an
+    agonist whenever the slices are too small for the bound to fall below τ). Compact records
+    (bucket files) carry only `max_effect` / `max_effect_hat`."""
+    if record.get("group_size") != 1:
+        return False
+    if record.get("statistic") == "effect_sprt":
+        return bool(record.get("is_agonist"))
+    slices = [(record.get(f"delta_on_{s}_ucb"), record.get(f"delta_on_{s}_hat")) for s in ("associated", "unrelated")]
+    if any(ucb is not None for ucb, _ in slices):
+        return any(ucb is not None and ucb >= tau and (hat is None or hat > 0) for ucb, hat in slices)
     eff, hat = record.get("max_effect"), record.get("max_effect_hat")
-    return (record.get("group_size") == 1 and eff is not None and eff >= tau
-            and (hat is None or hat > 0))
+    return eff is not None and eff >= tau and (hat is None or hat > 0)
 
 
 def _label(layer: int) -> str:

@@ -200,16 +200,21 @@ class _Background:
 def run_sequential_cha(layer_units: Mapping[int, Sequence[int]], tester: SequentialTester, n_max: int,
                        base_margins: tuple[np.ndarray, np.ndarray], regime: str, settings: SequentialSettings,
                        rng: np.random.Generator, sign_scores: Mapping[int, Mapping[int, float]] | None = None,
-                       sign_split_first: bool = False) -> tuple[list[dict], dict]:
+                       sign_split_first: bool = False, singletons: bool = False) -> tuple[list[dict], dict]:
     """Sequential effect CHA over every layer; (records in per-layer DFS pre-order, cost).
 
     `base_margins` are the unablated first-token margins of the associated and unrelated prompts
-    (slice order, at least `n_max` each); they set δ per slice for the prompts evaluated."""
+    (slice order, at least `n_max` each); they set δ per slice for the prompts evaluated.
+    `singletons=True` is the exhaustive counterpart: every unit is judged alone by the same
+    sequential agonist decision (no group tests)."""
     ev = _Evaluator(tester, n_max)
     pools = {int(L): [int(i) for i in ids] for L, ids in layer_units.items()}
     n0 = min(settings.n_start, n_max)
     pending: list[_Node] = []
     for pos, (layer, ids) in enumerate(pools.items()):
+        if singletons:
+            pending += [_Node(pos, layer, [i], 0, f"{j:08d}", target=n0) for j, i in enumerate(sorted(ids))]
+            continue
         pool = [ids[i] for i in rng.permutation(len(ids))]
         if pool:
             pending.append(_Node(pos, layer, pool, 0, "", target=n0))
@@ -282,6 +287,12 @@ def _judge(nd: _Node, backgrounds: dict, base_margins: tuple[np.ndarray, np.ndar
         "mean_effect_unrelated": float(np.mean(u.effects)),
         "statistic": "effect_sprt",
     }
+    # accuracy after the knockout (share of answers still positive), as the flip-UCB records have it
+    acc = [float(np.mean(~r.flips)) if regime == "positive" else float(np.mean(r.flips)) for r in (a, u)]
+    rec.update(acc_after_knockout_on_associated=acc[0], acc_after_knockout_on_unrelated=acc[1],
+               accuracy_gap=acc[1] - acc[0], max_effect=None,
+               max_effect_hat=max(x for x in (rec["delta_on_associated_hat"], rec["delta_on_unrelated_hat"])
+                                  if x is not None))
     full = nd.n >= n_max
     if len(nd.units) == 1:
         verdicts = [agonist_decision(r.flips, st.tau, st.alpha_agonist) for r in (a, u)]
@@ -290,12 +301,13 @@ def _judge(nd: _Node, backgrounds: dict, base_margins: tuple[np.ndarray, np.ndar
         is_ag = any(v[0] == "agonist" for v in verdicts)
         if not is_ag and not full and any(v[0] == "more" for v in verdicts):
             return rec, "more"
+        # bound and observed rate of the same slice: the one whose lower bound is highest
         best = int(np.argmax([v[1] for v in verdicts]))
+        hats = (rec["delta_on_associated_hat"], rec["delta_on_unrelated_hat"])
         rec.update(split=False, stop_reason="single_neuron", is_agonist=bool(is_ag),
                    agonist_slice=("associated", "unrelated")[best] if is_ag else None,
-                   max_effect_lcb=max(v[1] for v in verdicts),
-                   max_effect_hat=max(x for x in (rec["delta_on_associated_hat"], rec["delta_on_unrelated_hat"])
-                                      if x is not None))
+                   max_effect=float(verdicts[best][1]), max_effect_lcb=float(verdicts[best][1]),
+                   max_effect_hat=hats[best])
         table = [[int(a.flips.sum()), int(len(a.flips) - a.flips.sum())],
                  [int(u.flips.sum()), int(len(u.flips) - u.flips.sum())]]
         p = float(fisher_exact(table)[1]) if len(a.flips) and len(u.flips) else 1.0

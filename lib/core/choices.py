@@ -14,6 +14,7 @@ __all__ = [
     "BaselineSubset", "BASELINE_SUBSET_CHOICES", "RegimeSubset", "REGIMES", "SamplingStrategy", "SAMPLING_STRATEGIES",
     "TemporalAgg", "TEMPORAL_AGGS", "DecodeMode", "DECODE_MODES",
     "SpectralSpace", "SPECTRAL_SPACES", "RepPooling", "REP_POOLINGS", "RuleQualityMetric", "RULE_QUALITY_METRICS",
+    "ChaStatistic", "CHA_STATISTICS", "ChaScope", "CHA_SCOPES",
 ]
 
 DEFAULT_SEED = 42
@@ -75,3 +76,12 @@ REP_POOLINGS: tuple[str, ...] = get_args(RepPooling)
 RuleQualityMetric = Literal["balanced_accuracy", "mcc", "tpr", "tnr", "f1"]
 RULE_QUALITY_METRICS: tuple[str, ...] = get_args(RuleQualityMetric)
 """Stage 7's `--threshold_metric` / `--rule_quality_metric` (the keys of `lib.anchoring.rules.QUALITY_COLUMNS`)."""
+
+ChaStatistic = Literal["flip_ucb", "effect_sprt"]
+CHA_STATISTICS: tuple[str, ...] = get_args(ChaStatistic)
+"""Stage 6's `--cha_statistic`: the original flip-rate UCB rule, or the sequential effect test
+against random same-size groups (`lib.ablation.sequential_cha`)."""
+
+ChaScope = Literal["candidates", "all_units"]
+CHA_SCOPES: tuple[str, ...] = get_args(ChaScope)
+"""Stage 6's `--cha_scope`: stage 5's candidates, or every MLP unit of the chosen layers."""

@@ -20,7 +20,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from lib.core.choices import BaselineSubset, Device, Dtype, Intervention, SamplingStrategy
+from lib.core.choices import BaselineSubset, ChaScope, ChaStatistic, Device, Dtype, Intervention, SamplingStrategy
 from lib.pipeline.config import StageConfig, option, require
 from lib.ablation.engine import AblationEngine, PreparedPrompts, ReplacementValues
 from lib.pipeline.feature_table import AnalysisTable, load_analysis_table, prompts_sha256, rule_mask
@@ -28,7 +28,10 @@ from lib.core.files_and_cache import (ArtifactError, atomic_write_json, content_
                                       set_deterministic)
 from lib.ablation.cha import clopper_pearson_upper, group_testing_bound, is_agonist, run_cha, run_exhaustive
 from lib.attribution.manifest import Circuit, manifest_entry_summary, read_dataset_info, read_manifest
-from lib.ablation.buckets import NeuronBuckets, unit_key
+from lib.ablation.buckets import NeuronBuckets, is_catastrophic, unit_key
+from lib.ablation.engine_tester import EngineSequentialTester
+from lib.ablation.knockout import knockout_validation
+from lib.ablation.sequential_cha import SequentialSettings, run_sequential_cha
 from lib.ablation.interventions import estimate_replacements
 from lib.tasks.base import TaskSpec, load_task
 
@@ -66,6 +69,19 @@ class Stage6Config(StageConfig):
     batch_size: int = option(16, "rows (group × prompt generations) per forward pass")
     fast_ablation: bool = option(False, "run CHA; without it every unit is ablated alone")
     sign_split_first: bool = option(False, "CHA: split each layer's root by the sign of the stage-5 score")
+    cha_statistic: ChaStatistic = option("flip_ucb", "group statistic: flip_ucb (the original: keep a group while its "
+                                                     "flip-rate UCB reaches τ) or effect_sprt (sequential test of its "
+                                                     "first-token margin drop against random same-size groups)")
+    cha_scope: ChaScope = option("candidates", "search space: stage 5's candidates, or all_units = every MLP unit of "
+                                               "the chosen layers (all, or --last_k_layers; stage-5 scores still "
+                                               "sign-split the root)")
+    cha_n_start: int = option(16, "effect_sprt: prompts per slice of a node's first test (doubled while ambiguous)")
+    cha_alpha_keep: float = option(0.05, "effect_sprt: false-keep rate per slice and decision")
+    cha_beta_prune: float = option(0.01, "effect_sprt: false-prune (recall) error rate per slice and decision")
+    agonist_alpha: float = option(0.05, "effect_sprt: two-sided level of a single unit's flip-rate interval; an "
+                                        "agonist's lower bound reaches τ on one slice")
+    knockout_random_sets: int = option(20, "knockout validation: random same-size, same-layer-mix unit sets the "
+                                           "found agonists are compared with (0: no validation)")
     baseline_subset: BaselineSubset = option("all", "regime; 'all' runs positive and negative into "
                                                     "<out>/{positive,negative}_baseline")
     sampling_strategy: SamplingStrategy = option("random", "random: rule-covered vs other rows; plan: the stage-4 "
@@ -98,6 +114,10 @@ class Stage6Config(StageConfig):
         require(self.points_to_use_for_mean_ablation >= 1, "--points_to_use_for_mean_ablation must be >= 1")
         require(self.catastrophic_n_runs >= 1, "--catastrophic_n_runs must be >= 1")
         require(self.prune_alpha < 1, "--prune_alpha must be < 1")
+        require(self.cha_n_start >= 1, f"--cha_n_start must be >= 1, got {self.cha_n_start}")
+        for flag in ("cha_alpha_keep", "cha_beta_prune", "agonist_alpha"):
+            require(0 < getattr(self, flag) < 1, f"--{flag} must be in (0, 1), got {getattr(self, flag)}")
+        require(self.knockout_random_sets >= 0, "--knockout_random_sets must be >= 0")
         require(self.sampling_strategy != "plan" or bool(self.sampling_plan_path),
                 "--sampling_strategy plan needs --sampling_plan_path")
         require(not self.cluster_by_spectral, "--cluster_by_spectral (spectral-cluster circuits) is not supported; "
@@ -137,7 +157,8 @@ def settings_key(args: Stage6Config, regime: str, ai_model: str) -> str:
     keys = ("search_epsilon", "prune_alpha", "catastrophic_acc_tol", "catastrophic_n_runs", "n_associated",
             "n_unrelated", "decode_only", "intervention", "points_to_use_for_mean_ablation", "top_k_neurons",
             "last_k_layers", "mlp_neurons_only", "fast_ablation", "sign_split_first", "sampling_strategy",
-            "seed", "exclude_known_agonists", "dtype")
+            "seed", "exclude_known_agonists", "dtype", "cha_statistic", "cha_scope", "cha_n_start",
+            "cha_alpha_keep", "cha_beta_prune", "agonist_alpha", "knockout_random_sets")
     return content_key({k: getattr(args, k, None) for k in keys}, regime, ai_model)
 
 
@@ -228,10 +249,21 @@ class Stage6:
         for c in circuits:
             for L, ids in c.units.items():
                 layers.setdefault(L, set()).update(ids)
+        for L, ids in self.scope_units().items():
+            layers.setdefault(L, set()).update(ids)
         pool = self._mean_pool()
         self.replacement = estimate_replacements(self.engine, pool, a.intervention,
                                                  {L: sorted(v) for L, v in layers.items()},
                                                  progress=f"{a.intervention} values" if a.intervention != "zero" else False)
+
+    def scope_units(self) -> dict[int, list[int]]:
+        """`--cha_scope all_units`: every MLP unit of the chosen layers (all, or the last K); else {}."""
+        if self.args.cha_scope != "all_units":
+            return {}
+        model = self.models[self.ai_model]
+        n_layers, width = model.n_layers, model.d_model
+        first = n_layers - self.args.last_k_layers if self.args.last_k_layers else 0
+        return {L: list(range(width)) for L in range(max(first, 0), n_layers)}
 
     def _mean_pool(self) -> list[str]:
         """TRAIN prompts of the regime (all TRAIN if none), seeded sample of the requested size."""
@@ -250,10 +282,8 @@ class Stage6:
         a = self.args
         base = {**manifest_entry_summary(c), "intervention": a.intervention, "decode_only": bool(a.decode_only),
                 "baseline_subset": self.regime, "settings_key": self.key}
-        units = {L: [i for i in ids if unit_key(f"m{L}", i) not in excluded] for L, ids in c.units.items()}
-        units = {L: ids for L, ids in units.items() if ids}
         rng = _circuit_rng(a.seed, c)
-        if not c.units:
+        if not c.units and a.cha_scope != "all_units":
             reason = ("No MLP neurons left after applying --mlp_neurons_only." if c.dropped_attention_units
                       else "No usable units found for this circuit.")
             return self._skip(base, reason, 0, 0)
@@ -266,6 +296,9 @@ class Stage6:
             return self._skip(base, "Insufficient associated or unrelated prompts", s.n_assoc_avail, s.n_unrel_avail)
         self.ensure_engine(self.circuits)
         assert self.engine is not None and self.replacement is not None
+        space = self.scope_units() or c.units
+        units = {L: [i for i in ids if unit_key(f"m{L}", i) not in excluded] for L, ids in space.items()}
+        units = {L: ids for L, ids in units.items() if ids}
         df = self.table.df
         prompts = df[self.table.prompt_col].astype(str)
         idx = s.assoc + s.unrel
@@ -289,20 +322,54 @@ class Stage6:
             prepared = self.engine.prepare([prompts.iloc[i] for i in idx])
         n_a = len(s.assoc)
         counter = {"evaluations": 0}
-        tester = self._tester(prepared, rows, n_a, counter)
+        seq_tester = None
+        if a.cha_statistic == "effect_sprt" or a.knockout_random_sets > 0:
+            seq_tester = EngineSequentialTester(
+                self.engine, self.task, [([prompts.iloc[i] for i in s.assoc], rows[:n_a]),
+                                         ([prompts.iloc[i] for i in s.unrel], rows[n_a:])], self.replacement, self.regime)
         t0 = time.perf_counter()
         retrial = self._catastrophic_retrials(c) if a.exclude_known_agonists and a.fast_ablation else {}
-        records = run_exhaustive(retrial, tester, a.prune_alpha, self.regime) if retrial else []
-        if not units:
-            pass
-        elif a.fast_ablation:
-            scores = c.scores if a.sign_split_first else None
-            records += run_cha(units, tester, a.search_epsilon, a.prune_alpha, self.regime, rng, scores,
-                               a.sign_split_first)
+        scores = c.scores if a.sign_split_first else None
+        n_max = max(n_a, len(s.unrel))
+        if a.cha_statistic == "effect_sprt":
+            assert seq_tester is not None
+            margins = (seq_tester.base_margins[0], seq_tester.base_margins[1])
+            records, seq_cost = [], {"evaluations": 0, "forward_rows": 0, "background_groups": 0}
+            for part, singles in ((retrial, True), (units, not a.fast_ablation)):
+                if not part:
+                    continue
+                recs, cost = run_sequential_cha(part, seq_tester, n_max, margins, self.regime, self._seq_settings(),
+                                                rng, scores, a.sign_split_first, singletons=singles)
+                records += recs
+                seq_cost = {k: seq_cost[k] + cost.get(k, 0) for k in seq_cost}
         else:
-            records += run_exhaustive(units, tester, a.prune_alpha, self.regime)
+            tester = self._tester(prepared, rows, n_a, counter)
+            records = run_exhaustive(retrial, tester, a.prune_alpha, self.regime) if retrial else []
+            if not units:
+                pass
+            elif a.fast_ablation:
+                records += run_cha(units, tester, a.search_epsilon, a.prune_alpha, self.regime, rng, scores,
+                                   a.sign_split_first)
+            else:
+                records += run_exhaustive(units, tester, a.prune_alpha, self.regime)
+            seq_cost = {"evaluations": len(records), "forward_rows": len(records) * (n_a + len(s.unrel)),
+                        "background_groups": 0}
         elapsed = time.perf_counter() - t0
         n_candidates = sum(len(v) for v in units.values())
+        found = self._agonist_units(records)
+        knockout = None
+        if a.knockout_random_sets > 0 and seq_tester is not None:
+            knockout = knockout_validation(seq_tester, found, units, n_max,
+                                           (seq_tester.base_margins[0], seq_tester.base_margins[1]),
+                                           a.knockout_random_sets, _circuit_rng(a.seed + 1, c))
+        cost = {**cost_block(records, n_candidates, a.search_epsilon), "statistic": a.cha_statistic,
+                "scope": a.cha_scope, "group_evaluations": int(seq_cost["evaluations"]),
+                "background_groups": int(seq_cost["background_groups"]),
+                "forward_rows": int(seq_cost["forward_rows"]),
+                "exhaustive_forward_rows": int(n_candidates * (n_a + len(s.unrel))),
+                "wall_seconds": round(elapsed, 2)}
+        cost["forward_rows_over_exhaustive"] = (round(cost["forward_rows"] / cost["exhaustive_forward_rows"], 6)
+                                                if cost["exhaustive_forward_rows"] else None)
         base_acc = 1.0 if want else 0.0
         out = {**base, "status": "ok", "n_associated_tested": n_a, "n_unrelated_tested": len(s.unrel),
                "baseline_acc_associated": base_acc, "baseline_acc_unrelated": base_acc,
@@ -313,10 +380,23 @@ class Stage6:
                "baseline_dropped_associated_indices": dropped_a, "baseline_dropped_unrelated_indices": dropped_u,
                "sampling_strategy_used": s.strategy, "search": "cha" if a.fast_ablation else "exhaustive",
                "n_excluded_known_units": c.n_units - n_candidates,
-               "ablations": records, "cost": {**cost_block(records, n_candidates, a.search_epsilon),
-                                              "wall_seconds": round(elapsed, 2)},
+               "ablations": records, "cost": cost, "knockout": knockout,
                "agonist_activation_stats": None, "agonist_margin_stats": None, "agonist_saliency_stats": None}
         return out
+
+    def _seq_settings(self) -> SequentialSettings:
+        a = self.args
+        return SequentialSettings(tau=a.search_epsilon, alpha_keep=a.cha_alpha_keep, beta_prune=a.cha_beta_prune,
+                                  alpha_agonist=a.agonist_alpha, n_start=a.cha_n_start)
+
+    def _agonist_units(self, records: Sequence[dict]) -> dict[int, list[int]]:
+        """Layer → units of the singleton agonists of one circuit (catastrophic units left out)."""
+        out: dict[int, set[int]] = {}
+        for r in records:
+            if is_agonist(r, self.args.search_epsilon) and not is_catastrophic(r, self.regime, self.args.catastrophic_acc_tol):
+                (label, ids), = r["layers_neurons_dict"].items()
+                out.setdefault(int(label[1:]), set()).add(int(ids[0]))
+        return {L: sorted(v) for L, v in sorted(out.items())}
 
     def _catastrophic_retrials(self, c: Circuit) -> dict[int, list[int]]:
         """Units of this circuit that are catastrophic candidates: each is tried alone again (spec §5.2.1)."""
@@ -372,7 +452,8 @@ def _summary(res: dict) -> dict:
                    baseline_acc_unrelated=res["baseline_acc_unrelated"],
                    baseline_gap_neg_minus_pos=res["baseline_gap_neg_minus_pos"],
                    n_ablation_groups=len(res["ablations"]), n_candidates=res["cost"]["n_candidates"],
-                   sampling_strategy_used=res["sampling_strategy_used"], cost=res["cost"])
+                   sampling_strategy_used=res["sampling_strategy_used"], cost=res["cost"],
+                   knockout=res.get("knockout"))
     else:
         out["reason"] = res.get("reason")
     return out
@@ -396,6 +477,11 @@ def _run_regime(args: Stage6Config, task: TaskSpec, regime: str, out_dir: Path, 
                 cost = res["cost"]
                 echo(f"  {cost['n_evaluations']} group tests, {cost['n_agonists']} agonist(s) among "
                      f"{cost['n_candidates']} units, {cost['wall_seconds']} s")
+                ko = res.get("knockout")
+                if ko and ko.get("n_units"):
+                    echo(f"  knockout of the {ko['n_units']} agonist(s): {100 * ko['removal_associated']:.1f} % of "
+                         f"associated prompts leave the {regime} regime (random same-size sets: "
+                         f"{100 * ko.get('random_removal_associated_mean', float('nan')):.1f} %)")
             else:
                 echo(f"  skipped: {res['reason']}")
         else:
@@ -417,8 +503,25 @@ def _run_regime(args: Stage6Config, task: TaskSpec, regime: str, out_dir: Path, 
              "unique_agonists": len(st.buckets.agonists), "wall_seconds": round(time.perf_counter() - t0, 2)}
     total["evaluations_over_exhaustive"] = (round(total["n_evaluations"] / total["exhaustive_evaluations"], 6)
                                             if total["exhaustive_evaluations"] else None)
+    total.update(statistic=args.cha_statistic, scope=args.cha_scope,
+                 forward_rows=sum(s["cost"].get("forward_rows", 0) for s in ok),
+                 exhaustive_forward_rows=sum(s["cost"].get("exhaustive_forward_rows", 0) for s in ok))
+    total["forward_rows_over_exhaustive"] = (round(total["forward_rows"] / total["exhaustive_forward_rows"], 6)
+                                             if total["exhaustive_forward_rows"] else None)
+    total["knockout"] = knockout_totals([s.get("knockout") for s in ok])
     atomic_write_json(out_dir / "cost_summary.json", total)
     return total
+
+
+def knockout_totals(reports: Sequence[dict | None]) -> dict:
+    """Mean knockout removal over the circuits with agonists, and that of their random sets."""
+    done = [r for r in reports if r and r.get("n_units")]
+    out: dict = {"n_circuits_with_agonists": len(done)}
+    for key in ("removal_associated", "random_removal_associated_mean", "margin_drop_associated",
+                "random_margin_drop_associated_mean", "removal_unrelated", "random_removal_unrelated_mean"):
+        vals = [float(r[key]) for r in done if r.get(key) is not None]
+        out[key] = round(float(np.mean(vals)), 6) if vals else None
+    return out
 
 
 def min_prompts_to_prune(tau: float, prune_alpha: float) -> int:
@@ -431,11 +534,12 @@ def min_prompts_to_prune(tau: float, prune_alpha: float) -> int:
     return n
 
 
-def run_stage6(args: Stage6Config, echo: Callable[[str], None] = print) -> list[dict]:
-    """Run every requested regime; returns the run-level cost summaries."""
+def run_stage6(args: Stage6Config, echo: Callable[[str], None] = print, models: dict | None = None) -> list[dict]:
+    """Run every requested regime; returns the run-level cost summaries. `models` maps a model name
+    to an already loaded model (shared with the caller, e.g. a notebook or a test)."""
     set_deterministic(args.seed)
     need = min_prompts_to_prune(args.search_epsilon, args.prune_alpha)
-    if args.fast_ablation and min(args.n_associated, args.n_unrelated) < need:
+    if args.fast_ablation and args.cha_statistic == "flip_ucb" and min(args.n_associated, args.n_unrelated) < need:
         echo(f"warning: with fewer than {need} prompts per slice a group with no flip still has an upper "
              f"bound >= tau={args.search_epsilon}, so CHA prunes nothing and tests every unit; raise "
              f"--n_associated/--n_unrelated")
@@ -446,7 +550,7 @@ def run_stage6(args: Stage6Config, echo: Callable[[str], None] = print) -> list[
         raise ArtifactError(f"'{args.input_data_dir}/manifest.json' has no circuit with status ok")
     info = read_dataset_info(args.input_data_dir)
     out_root = ensure_writable_dir(args.output_data_dir)
-    models: dict = {}
+    models = {} if models is None else models
     totals = []
     for regime in regimes_of(args.baseline_subset):
         out_dir = out_root / f"{regime}_baseline" if args.baseline_subset == "all" else out_root

@@ -117,3 +117,17 @@ def test_negative_regime_counts_positive_answers_as_flips():
 def test_group_testing_bound():
     assert group_testing_bound(1024, 4) == pytest.approx(4 * 8 + 4)
     assert group_testing_bound(0, 0) == 0.0
+
+
+def test_is_agonist_takes_bound_and_flips_from_the_same_slice():
+    from lib.ablation.cha import is_agonist
+
+    # the associated slice has a high UCB but no flip; the unrelated slice flipped once with a low UCB
+    mixed = {"group_size": 1, "delta_on_associated_ucb": 0.25, "delta_on_associated_hat": 0.0,
+             "delta_on_unrelated_ucb": 0.15, "delta_on_unrelated_hat": 0.02, "max_effect": 0.25, "max_effect_hat": 0.02}
+    assert not is_agonist(mixed, 0.2)
+    same = {**mixed, "delta_on_unrelated_ucb": 0.21}
+    assert is_agonist(same, 0.2)
+    effect = {"group_size": 1, "statistic": "effect_sprt", "is_agonist": True, "max_effect": 0.31}
+    assert is_agonist(effect, 0.3) and not is_agonist({**effect, "is_agonist": False}, 0.3)
+    assert not is_agonist({**same, "group_size": 2}, 0.2)

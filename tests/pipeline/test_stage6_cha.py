@@ -86,6 +86,31 @@ def _write_inputs(tmp_path, smollm2, n_units=24):
     return disc, df
 
 
+def _write_addition_inputs(tmp_path, smollm2):
+    """A scores table of few-shot additions (most answered correctly), one rule `small_first >= 0.5`
+    (first operand below 14), a manifest with 4 stage-5 candidates in layer 29."""
+    eng = AblationEngine(smollm2, ARITH.MAX_NEW_TOKENS, batch_size=64, stop_strings=("\n",))
+    prompts = [FEW_SHOT + f"{a}+{b}=" for a in range(10, 18) for b in range(10, 18)]
+    answers = eng.generate(eng.prepare(prompts), [None])[0]
+    correct = ARITH.is_answer_positive([{"prompt": p} for p in prompts], answers)
+    df = pd.DataFrame({"prompt": prompts, "raw_output": answers, "is_correct": correct,
+                       "small_first": [float(int(p.split("\n")[-1][:2]) < 14) for p in prompts],
+                       "is_test": [i % 8 == 7 for i in range(len(prompts))]})
+    scores = tmp_path / "scores.csv"
+    df.to_csv(scores, index=False)
+    neurons = {"m29": [1, 2, 3, 4]}
+    disc = tmp_path / "disc"
+    disc.mkdir()
+    entry = {"status": "ok", "circuit_id": 0, "circuit_label": "small_first >= 0.5", "target": "is_correct",
+             "coefficient_sign": "positive", "sampling_strategy": "random",
+             "metadata_topn": {"level": "neuron", "neurons": neurons, "d_model": 576,
+                               "neuron_label_score": {f"('m29', {i})": 0.1 * i for i in neurons["m29"]}}}
+    (disc / "manifest.json").write_text(json.dumps([entry]))
+    (disc / "dataset_info.json").write_text(json.dumps({"scores_path": str(scores), "prompt_col": "prompt",
+                                                        "target_col": "is_correct", "ai_model": SMOLLM2}))
+    return disc
+
+
 def _run(argv):
     import importlib
 
@@ -147,3 +172,35 @@ def test_stage6_cli_bad_input(tmp_path, smollm2, capsys):
     assert _run(["--input_data_dir", str(disc), "--output_data_dir", str(tmp_path / "o3"),
                  "--sampling_strategy", "plan"]) == 2
     assert "--sampling_plan_path" in capsys.readouterr().err
+
+
+def test_full_space_effect_cha_finds_planted_units_and_knockout_beats_random(tmp_path, smollm2):
+    """`--cha_scope all_units --cha_statistic effect_sprt` on the real model: every unit of the last
+    layer is searched (not only stage 5's 4 candidates), the planted units are the agonists, at a
+    fraction of exhaustive forward rows, and knocking them out removes the behaviour where random
+    same-size sets of the layer do not."""
+    from lib.pipeline.stage6_cha import Stage6Config, run_stage6
+    from tests.conftest import SMOLLM2
+
+    disc = _write_addition_inputs(tmp_path, smollm2)
+    planted = {29: [33, 201]}
+    out = tmp_path / "out"
+    cfg = Stage6Config(input_data_dir=str(disc), output_data_dir=str(out), device="cpu", fast_ablation=True,
+                       decode_only=True, sign_split_first=True, intervention="zero", n_associated=8, n_unrelated=8,
+                       search_epsilon=0.5, batch_size=256, baseline_subset="positive", seed=3,
+                       cha_statistic="effect_sprt", cha_scope="all_units", last_k_layers=1, knockout_random_sets=20,
+                       catastrophic_acc_tol=-1.0)  # planted units break every answer: keep them as agonists
+    with planted_model(smollm2, planted):
+        (total,) = run_stage6(cfg, echo=lambda _: None, models={SMOLLM2: smollm2})
+    rec = json.loads((out / "is_correct" / "rule_0000.json").read_text())
+    assert rec["status"] == "ok", rec.get("reason")
+    assert rec["cost"]["n_candidates"] == 576 and rec["cost"]["scope"] == "all_units"
+    found = {(int(k[1:]), ids[0]) for r in rec["ablations"] if r["group_size"] == 1 and r.get("is_agonist")
+             for k, ids in r["layers_neurons_dict"].items()}
+    assert found == {(29, 33), (29, 201)}
+    assert rec["cost"]["forward_rows_over_exhaustive"] < 0.5
+    ko = rec["knockout"]
+    assert ko["n_units"] == 2 and ko["n_random_sets"] == 20
+    assert ko["removal_associated"] == 1.0 and ko["random_removal_associated_mean"] < 0.5
+    assert ko["p_value_associated"] <= 1 / 21 + 1e-9
+    assert total["statistic"] == "effect_sprt" and total["knockout"]["n_circuits_with_agonists"] == 1

@@ -21,7 +21,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from lib.core.choices import CIRCUIT_LEVELS, DEFAULT_SEED, DEVICES, DTYPES, INTERVENTIONS
+from lib.core.choices import CHA_SCOPES, CHA_STATISTICS, CIRCUIT_LEVELS, DEFAULT_SEED, DEVICES, DTYPES, INTERVENTIONS
 from lib.core.files_and_cache import atomic_path
 from lib.runs.layout import DEFAULT_CIRCUIT_SIZE, ExperimentLayout, RunOptions, run_mode
 from lib.runs.manifest import now_iso, record_stage
@@ -83,6 +83,9 @@ Sizes and budgets (defaults = the paper setting, or the --preset's values):
   --anchoring_clusters N      anchoring plan clusters (16)
   --top_k_neurons K           stage-6 candidate budget per circuit (all)
   --last_k_layers K           stage 6 keeps only candidates of the last K MLP layers (all)
+  --cha_statistic S           stage-6 group statistic: flip_ucb (the original) | effect_sprt
+  --cha_scope S               stage-6 search space: candidates (stage 5's) | all_units (every MLP unit)
+  --knockout_random_sets N    stage-6 knockout validation against N random same-size sets (20; 0 = off)
   --mean_pool N               --points_to_use_for_mean_ablation (256; 2048 for donor interventions)
   --stage7_max_points N       stage-7 --sampling_max_points (10000)
   --stage7_min_points N       stage-7 --sampling_min_points (64)
@@ -153,6 +156,8 @@ _VALUED: dict[str, tuple[str, str]] = {
     "--stage5_batch_size": ("stage5_batch_size", "int"), "--last_k_layers": ("last_k_layers", "int"),
     "--num_threads": ("num_threads", "int"), "--seed": ("seed", "int"), "--random_seed": ("seed", "int"),
     "--from_stage": ("from_stage", "int"), "--to_stage": ("to_stage", "int"),
+    "--cha_statistic": ("cha_statistic", "str"), "--cha_scope": ("cha_scope", "str"),
+    "--knockout_random_sets": ("knockout_random_sets", "int"),
 }
 _INT_RE = re.compile(r"^-?[0-9]+$")
 _NUM_RE = re.compile(r"^-?[0-9]+([.][0-9]+)?([eE]-?[0-9]+)?$")
@@ -199,6 +204,9 @@ class PipelineSettings:
     anchoring_clusters: str = "16"
     top_k_neurons: str = ""
     last_k_layers: str = ""
+    cha_statistic: str = ""  # "" = stage 6's default
+    cha_scope: str = ""
+    knockout_random_sets: str = ""
     mean_pool: str = "256"
     stage7_max_points: str = "10000"
     stage7_min_points: str = "64"
@@ -346,6 +354,10 @@ def _validate(s: PipelineSettings) -> None:
         raise _fail("--dtype must be one of " + ", ".join(DTYPES))
     if not (1 <= s.from_stage <= 7 and 1 <= s.to_stage <= 7):
         raise _fail("--from_stage/--to_stage must be 1..7")
+    if s.cha_statistic and s.cha_statistic not in CHA_STATISTICS:
+        raise _fail("--cha_statistic must be " + " or ".join(CHA_STATISTICS))
+    if s.cha_scope and s.cha_scope not in CHA_SCOPES:
+        raise _fail("--cha_scope must be " + " or ".join(CHA_SCOPES))
     if s.from_stage > s.to_stage:
         raise _fail("--from_stage is after --to_stage")
     if s.split == "spectral":
@@ -467,6 +479,9 @@ def stage6_command(s: PipelineSettings, out: Path, subset: str, plan: Path | Non
         cmd += ["--top_k_neurons", s.top_k_neurons]
     if s.last_k_layers:
         cmd += ["--last_k_layers", s.last_k_layers]
+    for flag in ("cha_statistic", "cha_scope", "knockout_random_sets"):
+        if getattr(s, flag) != "":
+            cmd += [f"--{flag}", getattr(s, flag)]
     if s.decode_only:
         cmd += ["--decode_only"]
     if s.mlp_only:

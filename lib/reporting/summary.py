@@ -123,7 +123,31 @@ def _stage6(layout: ExperimentLayout, run: str, tau: float) -> list[str]:
                      f"ablations{ratio}; N = {cost.get('n_candidates')} candidates over {cost.get('n_ok')} "
                      f"circuit(s), bound k·log2(N/k)+k = {cost.get('bound_k_log2_N_over_k_plus_k')}")
         out.append(line)
+        out += _stage6_search_lines(cost)
     out.append(f"  both regimes: {len(union)} distinct unit(s) go to stage 7")
+    return out
+
+
+def _pct(x: Any) -> str:
+    return f"{100 * float(x):.1f} %" if isinstance(x, (int, float)) else "n/a"
+
+
+def _stage6_search_lines(cost: dict) -> list[str]:
+    """Statistic, scope and forward-row cost of the search, and the knockout against random sets."""
+    out = []
+    if cost.get("forward_rows") is not None:
+        out.append(f"           statistic {cost.get('statistic', 'flip_ucb')}, scope {cost.get('scope', 'candidates')}: "
+                   f"{cost['forward_rows']} forward rows = {_pct(cost.get('forward_rows_over_exhaustive'))} of "
+                   f"exhaustive ablation's {cost.get('exhaustive_forward_rows')}")
+    ko = cost.get("knockout") or {}
+    if ko.get("n_circuits_with_agonists"):
+        out.append(f"           knockout of each rule's agonists together: {_pct(ko.get('removal_associated'))} of "
+                   f"associated prompts leave the regime (random same-size sets: "
+                   f"{_pct(ko.get('random_removal_associated_mean'))}; margin drop "
+                   f"{_pct(ko.get('margin_drop_associated'))} vs {_pct(ko.get('random_margin_drop_associated_mean'))}) "
+                   f"over {ko['n_circuits_with_agonists']} rule(s)")
+    elif "knockout" in cost:
+        out.append("           knockout: no rule has an agonist to knock out")
     return out
 
 

@@ -124,3 +124,20 @@ def test_existing_outputs_are_skipped_and_from_stage_reruns(tmp_path, capsys):
     ran: list[str] = []
     runner.run_pipeline(rerun, lambda cmd: ran.append(cmd[1]) or 0)
     assert ran == ["2_generate_features.py"]
+
+
+def test_stage6_search_options_reach_stage6_only_when_given():
+    plain = runner.parse_pipeline_args(["arithmetic", MODEL, "--preset", "cpu"], env={})
+    cmd6 = next(cmd for num, _, cmd in runner.stage_commands(plain) if num == 6)
+    assert "--cha_statistic" not in cmd6 and "--cha_scope" not in cmd6
+    s = runner.parse_pipeline_args(["arithmetic", MODEL, "--preset", "cpu", "--cha_statistic", "effect_sprt",
+                                    "--cha_scope", "all_units", "--knockout_random_sets", "5"], env={})
+    for num, _, cmd in runner.stage_commands(s):
+        if num == 6:
+            assert cmd[cmd.index("--cha_statistic") + 1] == "effect_sprt"
+            assert cmd[cmd.index("--cha_scope") + 1] == "all_units"
+            assert cmd[cmd.index("--knockout_random_sets") + 1] == "5"
+        else:
+            assert "--cha_scope" not in cmd
+    with pytest.raises(runner.PipelineError, match="--cha_statistic must be flip_ucb or effect_sprt"):
+        runner.parse_pipeline_args(["arithmetic", MODEL, "--cha_statistic", "bogus"], env={})

@@ -20,7 +20,8 @@ logit margin over the best other token. For a node of size s in layer L:
   evaluations per layer on the first prompt batch — and tested from s = N/8 on, where the median of
   5 groups is contaminated with probability about 1.6 %;
 * effects are taken relative to each prompt's baseline margin and clipped to [-1, 1] (1 = the first
-  token flipped), so a few huge drops cannot swamp the test; excess x_p = r_p - b_p. A high-impact
+  token flipped), so a few huge drops cannot swamp the test, and set to 1 where the answer left the
+  regime at a later token (the first-token margin cannot see those); excess x_p = r_p - b_p. A high-impact
   unit (flip rate >= τ on a slice) adds, on the prompts it flips, what the background left of the
   margin: δ = τ × mean(1 - clip(b, 0, 1)) of mean excess;
 * a Wald sequential probability ratio test per slice, H0 "mean excess 0" against H1 "mean excess δ"
@@ -44,6 +45,7 @@ from typing import Callable, Mapping, Sequence
 import numpy as np
 from scipy.stats import beta as beta_dist
 from scipy.stats import fisher_exact
+from tqdm import tqdm
 
 __all__ = [
     "SliceResult",
@@ -51,6 +53,7 @@ __all__ = [
     "SequentialSettings",
     "clopper_pearson_lower",
     "relative_effect",
+    "prompt_effect",
     "min_agonist_excess",
     "sprt_decision",
     "agonist_decision",
@@ -110,6 +113,14 @@ def relative_effect(effects: np.ndarray, base_margins: np.ndarray) -> np.ndarray
     first answer token flipped. Bounded, so a few huge drops cannot swamp the test."""
     m = np.clip(np.asarray(base_margins, dtype=float), 1e-3, None)
     return np.clip(np.asarray(effects, dtype=float) / m, -1.0, 1.0)
+
+
+def prompt_effect(res: SliceResult, base_margins: np.ndarray) -> np.ndarray:
+    """Per-prompt effect of an ablation: 1 where the answer left the regime (at any answer token),
+    else the relative first-token margin drop. The flip term sees units that change later tokens
+    of a multi-token answer, which the first-token margin alone cannot."""
+    n = len(res.effects)
+    return np.where(np.asarray(res.flips[:n], dtype=bool), 1.0, relative_effect(res.effects, base_margins[:n]))
 
 
 def min_agonist_excess(background: np.ndarray, tau: float) -> float:
@@ -200,14 +211,16 @@ class _Background:
 def run_sequential_cha(layer_units: Mapping[int, Sequence[int]], tester: SequentialTester, n_max: int,
                        base_margins: tuple[np.ndarray, np.ndarray], regime: str, settings: SequentialSettings,
                        rng: np.random.Generator, sign_scores: Mapping[int, Mapping[int, float]] | None = None,
-                       sign_split_first: bool = False, singletons: bool = False) -> tuple[list[dict], dict]:
+                       sign_split_first: bool = False, singletons: bool = False,
+                       progress: bool | str = False) -> tuple[list[dict], dict]:
     """Sequential effect CHA over every layer; (records in per-layer DFS pre-order, cost).
 
     `base_margins` are the unablated first-token margins of the associated and unrelated prompts
     (slice order, at least `n_max` each); they set δ per slice for the prompts evaluated.
     `singletons=True` is the exhaustive counterpart: every unit is judged alone by the same
-    sequential agonist decision (no group tests)."""
+    sequential agonist decision (no group tests). `progress` (a label) shows decided nodes and cost."""
     ev = _Evaluator(tester, n_max)
+    bar = tqdm(desc=progress if isinstance(progress, str) else "CHA", unit="node", disable=not progress)
     pools = {int(L): [int(i) for i in ids] for L, ids in layer_units.items()}
     n0 = min(settings.n_start, n_max)
     pending: list[_Node] = []
@@ -259,7 +272,10 @@ def run_sequential_cha(layer_units: Mapping[int, Sequence[int]], tester: Sequent
                 nxt += [_Node(nd.layer_pos, nd.layer, left, nd.depth + 1, nd.path + "0", target=n0),
                         _Node(nd.layer_pos, nd.layer, right, nd.depth + 1, nd.path + "1", target=n0)]
             done.append((nd.layer_pos, nd.path, rec))
+            bar.update(1)
+        bar.set_postfix(pending=len(nxt), evaluations=ev.evaluations, rows=ev.forward_rows, refresh=False)
         pending = nxt
+    bar.close()
     done.sort(key=lambda t: (t[0], t[1]))
     cost = {"evaluations": ev.evaluations, "forward_rows": ev.forward_rows,
             "background_groups": sum(len(b.groups) for b in backgrounds.values())}
@@ -323,8 +339,9 @@ def _judge(nd: _Node, backgrounds: dict, base_margins: tuple[np.ndarray, np.ndar
     for s in (0, 1):
         res = nd.res[s]
         m = base_margins[s][:len(res.effects)]
-        b = np.median([relative_effect(g[s].effects[:len(res.effects)], m) for g in bg.res], axis=0)
-        x = relative_effect(res.effects, m) - b
+        n = len(res.effects)
+        b = np.median([prompt_effect(SliceResult(g[s].flips[:n], g[s].effects[:n]), m) for g in bg.res], axis=0)
+        x = prompt_effect(res, m) - b
         delta = min_agonist_excess(b, st.tau)
         v, llr = sprt_decision(x, delta, st.alpha_keep, st.beta_prune, st.min_sd)
         verdicts.append(v)

@@ -26,6 +26,7 @@ from lib.core.choices import DEFAULT_SEED, BaselineSubset, Device, Dtype, RepPoo
 from lib.core.files_and_cache import ArtifactError, atomic_write_json, set_deterministic
 from lib.models.loading import load_analysed_model
 from lib.pipeline.config import StageConfig, option, require
+from lib.pipeline.spectral_options import SpectralStageConfig
 from lib.sampling.spectral import (DEFAULT_REP_HOOK, SPECTRAL_HELP, KCenterResult, RepresentationSettings,
                                    check_pair_metric, check_spectral_arguments, compute_representations,
                                    cover_stats, distance_summary, greedy_farthest_first_cover,
@@ -366,7 +367,7 @@ def load_sampling_plan(path: str | Path, expected_dataset_size: int | None = Non
 
 
 @dataclasses.dataclass(kw_only=True)
-class Stage4Config(StageConfig):
+class Stage4Config(SpectralStageConfig):
     """The flags of `4_spectral_sample_datapoints.py`: spec §2.1 plus --dtype, --selection and --no_progress."""
 
     features_scores_dir: str = option(help="folder with scores.csv (stage 2)")
@@ -395,12 +396,6 @@ class Stage4Config(StageConfig):
     stats_sample_size: int = option(200000, "subsample size for distance quantiles (<= 0: exact)")
     stats_chunk_size: int = option(8192, "row chunk for nearest-center search")
     task_module: str = option("lib.tasks.arithmetic_task", "module exporting TASK_SPEC")
-    spectral_space: SpectralSpace = option("hidden", SPECTRAL_HELP["spectral_space"])
-    rep_hook_name: str = option(DEFAULT_REP_HOOK, SPECTRAL_HELP["rep_hook_name"])
-    rep_pooling: RepPooling = option("mean", SPECTRAL_HELP["rep_pooling"])
-    max_seq_len: int | None = option(None, SPECTRAL_HELP["max_seq_len"])
-    spectral_dim: int = option(16, SPECTRAL_HELP["spectral_dim"])
-    spectral_cache_dir: str | None = option(None, SPECTRAL_HELP["spectral_cache_dir"])
     device: Device = option("auto", "where to run the analysed model (auto: cuda > mps > cpu)")
     dtype: Dtype = option("auto", "weights/activation dtype (auto: float32, as TransformerLens uses)")
     selection: Selection = option("spectral", "spectral: coverage picks (default); random: uniform random control plan")

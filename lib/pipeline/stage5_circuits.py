@@ -29,6 +29,7 @@ from lib.core.choices import (CIRCUIT_LEVELS, SAMPLING_STRATEGIES, AttributionIn
                               SpectralSpace, TemporalAgg)
 from lib.core.errors import UsageError
 from lib.pipeline.config import StageConfig, option, require
+from lib.pipeline.spectral_options import SpectralStageConfig
 from lib.pipeline.feature_table import AnalysisTable, load_analysis_table, load_primary_rules, prompts_sha256, rule_mask
 from lib.core.files_and_cache import (ArtifactError, DiskCache, atomic_write_json, content_key,
                                        ensure_writable_dir, set_deterministic)
@@ -62,7 +63,7 @@ MEAN_CACHE_NAMESPACE = "stage5_mean_activations"
 
 
 @dataclasses.dataclass(kw_only=True)
-class Stage5Config(StageConfig):
+class Stage5Config(SpectralStageConfig):
     """Stage 5's flags (names and defaults of spec §3.1 plus our additions), checked on construction."""
 
     rules_dir: str = option(help="folder with the stage-3 rule files")
@@ -101,12 +102,6 @@ class Stage5Config(StageConfig):
     cluster_by_spectral: bool = option(False, "not supported (use a stage-4 plan)")
     cluster_base_subset: BaselineSubset = option("all", "cluster mode only (not supported); recorded in "
                                                         "dataset_info.json")
-    spectral_space: SpectralSpace = option("hidden", SPECTRAL_HELP["spectral_space"])
-    rep_hook_name: str = option(DEFAULT_REP_HOOK, SPECTRAL_HELP["rep_hook_name"])
-    rep_pooling: RepPooling = option("mean", SPECTRAL_HELP["rep_pooling"])
-    max_seq_len: int | None = option(None, SPECTRAL_HELP["max_seq_len"])
-    spectral_dim: int = option(16, SPECTRAL_HELP["spectral_dim"])
-    spectral_cache_dir: str | None = option(None, SPECTRAL_HELP["spectral_cache_dir"])
     global_n_clusters: int = option(32, "cluster mode only (not supported)")
     output_data_dir: str = option("neural_circuit_discovery_results", "output root")
     task_module: str = option("lib.tasks.arithmetic_task", "module exporting TASK_SPEC")

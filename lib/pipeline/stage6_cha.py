@@ -339,7 +339,8 @@ class Stage6:
                 if not part:
                     continue
                 recs, cost = run_sequential_cha(part, seq_tester, n_max, margins, self.regime, self._seq_settings(),
-                                                rng, scores, a.sign_split_first, singletons=singles)
+                                                rng, scores, a.sign_split_first, singletons=singles,
+                                                progress=f"  CHA ({self.regime}, effect statistic)")
                 records += recs
                 seq_cost = {k: seq_cost[k] + cost.get(k, 0) for k in seq_cost}
         else:

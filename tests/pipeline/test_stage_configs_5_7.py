@@ -98,7 +98,8 @@ TODAY_CHOICES = {
         "--circuit_level": set(CIRCUIT_LEVELS),  # free text before, checked by validate()
         "--device": {"auto", "cpu", "cuda", "mps"}, "--dtype": _DTYPES},
     6: {"--intervention": _IV, "--baseline_subset": {"all", "positive", "negative"},
-        "--sampling_strategy": {"random", "plan"}, "--device": {"auto", "cpu", "cuda", "mps"}, "--dtype": _DTYPES},
+        "--sampling_strategy": {"random", "plan"}, "--device": {"auto", "cpu", "cuda", "mps"}, "--dtype": _DTYPES,
+        "--cha_statistic": {"flip_ucb", "effect_sprt"}, "--cha_scope": {"candidates", "all_units"}},  # new (issue 16)
     7: {"--intervention": _IV, "--semantic_quality_policy": {"none", "filter"}, "--spectral_space": {"hidden", "logits"},
         "--rep_pooling": {"last", "mean"}, "--centroid_sampling_mode": {"random", "nearest"},
         "--threshold_metric": _QUALITY, "--rule_quality_metric": _QUALITY, "--device": {"auto", "cpu", "cuda", "mps"},

@@ -23,7 +23,7 @@ import pandas as pd
 
 from lib.core.files_and_cache import atomic_write_json, atomic_write_text, content_key, write_csv_atomic
 from lib.anchoring.units import Unit
-from lib.runs.results import RULE_METRICS_SIGNATURE, best_per_neuron
+from lib.runs.results import RULE_METRICS_SIGNATURE, SELECTION_SCOPE, best_per_neuron
 from lib.rules.extraction import ALL_FIT_SIGNATURE, TEST_SELECTED_SIGNATURE, run_rule_extraction
 
 __all__ = [
@@ -306,7 +306,10 @@ def write_rule_summaries(rows: pd.DataFrame, out_dir: Path, run: str, args: argp
         n_before = len(srows)
         cov = pd.to_numeric(srows["dataset_coverage"], errors="coerce")
         n_after = int((cov >= floor).sum()) if floor > 0 else n_before
-        best = best_per_neuron(srows, qcol, floor)
+        sel_scope = SELECTION_SCOPE.get(scope)
+        sel_rows = rows[rows["score_scope"] == sel_scope] if sel_scope else None
+        best = best_per_neuron(srows, qcol, floor,
+                               selection_rows=sel_rows if sel_rows is not None and len(sel_rows) else None)
         if len(best):
             best = best.sort_values(["neuron_rank", qcol, "MCC"], ascending=[True, False, False],
                                     kind="mergesort").reset_index(drop=True)

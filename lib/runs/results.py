@@ -34,6 +34,7 @@ __all__ = [
     "main_metric_for_task",
     "scope_from_rule_combo_filename",
     "best_per_neuron",
+    "SELECTION_SCOPE",
     "count_at_least",
     "parse_flip_column",
     "flip_columns_by_unit",
@@ -128,9 +129,27 @@ def _ensure_neuron_key(df: pd.DataFrame, path: Path) -> pd.DataFrame:
     raise ArtifactError(f"rule metrics table '{path}' lacks column 'neuron_key' (and layer_key/neuron_id)")
 
 
+SELECTION_SCOPE = {"test": "train", "test_selected": "train"}
+"""Scope whose rows choose the best flip target per unit for a scope scored on held-out rows: the
+held-out score is only reported, never used to pick (the original picked on the TEST MCC)."""
+
+_KEY_COLS = ("rule_target_dir", "neuron_key", "flip_target")
+
+
+def _sort_columns(df: pd.DataFrame, metric_col: str) -> list[str]:
+    return [metric_col] + [c for c in ("MCC", "F1(target=1|fire)", "F1", "BalancedAcc")
+                           if c in df.columns and c != metric_col]
+
+
 def best_per_neuron(rows: pd.DataFrame, metric_col: str = "MCC",
-                    min_coverage: float = DEFAULT_MIN_COVERAGE) -> pd.DataFrame:
-    """Best rule row per unit after the coverage floor (sort metric, MCC, F1, BalancedAcc; ties by key)."""
+                    min_coverage: float = DEFAULT_MIN_COVERAGE,
+                    selection_rows: pd.DataFrame | None = None) -> pd.DataFrame:
+    """Best rule row per unit after the coverage floor (sort metric, MCC, F1, BalancedAcc; ties by key).
+
+    With `selection_rows` (the same units' TRAIN rows), the flip target of each unit is chosen by
+    the TRAIN metrics and the chosen target's row of `rows` is returned, so the scores of `rows`
+    (e.g. held-out TEST) never steer the choice; targets without a TRAIN row rank last.
+    """
     if rows is None or rows.empty:
         return pd.DataFrame(columns=list(rows.columns) if rows is not None else ["neuron_key", metric_col])
     df = rows.copy()
@@ -143,15 +162,32 @@ def best_per_neuron(rows: pd.DataFrame, metric_col: str = "MCC",
         cov = pd.to_numeric(df["dataset_coverage"], errors="coerce")
         df = df[cov >= float(min_coverage)]
     df = df[df[metric_col].notna()]
-    sort_cols = [metric_col] + [c for c in ("MCC", "F1(target=1|fire)", "F1", "BalancedAcc")
-                                if c in df.columns and c != metric_col]
+    sort_cols = _sort_columns(df, metric_col)
     for c in sort_cols:
         df[c] = pd.to_numeric(df[c], errors="coerce")
-    tie_cols = [c for c in ("neuron_key", "flip_target", "rule_target_dir") if c in df.columns]
-    df = df.sort_values(sort_cols + tie_cols, ascending=[False] * len(sort_cols) + [True] * len(tie_cols),
+    tie_cols = [c for c in _KEY_COLS if c in df.columns]
+    if selection_rows is not None and set(tie_cols) >= {"neuron_key", "flip_target"}:
+        sel = selection_rows.copy()
+        if metric_col not in sel.columns:
+            raise ArtifactError(f"selection (TRAIN) rule rows lack column '{metric_col}'")
+        keys = [c for c in tie_cols if c in sel.columns]
+        sel_cols = [c for c in sort_cols if c in sel.columns]
+        sel = sel[keys + sel_cols].drop_duplicates(subset=keys, keep="first")
+        sel = sel.rename(columns={c: f"__sel_{c}" for c in sel_cols})
+        for c in sel_cols:
+            sel[f"__sel_{c}"] = pd.to_numeric(sel[f"__sel_{c}"], errors="coerce")
+        for c in keys:
+            sel[c] = sel[c].astype(str)
+            df[c] = df[c].astype(str)
+        df = df.merge(sel, on=keys, how="left", validate="many_to_one")
+        order = [f"__sel_{c}" for c in sel_cols]
+    else:
+        order = sort_cols
+    df = df.sort_values(order + tie_cols, ascending=[False] * len(order) + [True] * len(tie_cols),
                         na_position="last", kind="mergesort")
     group = [c for c in ("rule_target_dir", "neuron_key") if c in df.columns]
     best = df.drop_duplicates(subset=group, keep="first")
+    best = best.drop(columns=[c for c in best.columns if str(c).startswith("__sel_")])
     return best.sort_values("neuron_key", kind="mergesort").reset_index(drop=True)
 
 
@@ -275,6 +311,8 @@ class RunResults:
                                         "lacks column 'score_scope'")
                 norm = allr["score_scope"].astype(str).map(lambda s: _SCOPE_ALIASES.get(s.strip().lower(), s))
                 rows = allr[norm == scope].reset_index(drop=True)
+                if rows.empty and not allr.empty:
+                    rows = None  # rows of other scopes only: this scope was not produced
             if rows is None and scope == "test":
                 for name in ("rule_combo_metrics_all.csv", "rule_combo_metrics_best_per_neuron.csv"):
                     if self._file(name).is_file():
@@ -289,9 +327,17 @@ class RunResults:
         return self.rule_rows(scope) is not None
 
     def best(self, scope: str, metric_col: str = "MCC", min_coverage: float = DEFAULT_MIN_COVERAGE) -> pd.DataFrame | None:
-        """Best row per unit of a scope after the floor, or None if the scope is unavailable."""
+        """Best row per unit of a scope after the floor (the target chosen on TRAIN rows for scopes
+        scored on TEST rows, when the run has them), or None if the scope is unavailable."""
+        scope = normalize_scope(scope)
         rows = self.rule_rows(scope)
-        return None if rows is None else best_per_neuron(rows, metric_col, min_coverage)
+        if rows is None:
+            return None
+        sel_scope = SELECTION_SCOPE.get(scope)
+        selection = self.rule_rows(sel_scope) if sel_scope else None
+        if selection is not None and selection.empty:
+            selection = None
+        return best_per_neuron(rows, metric_col, min_coverage, selection_rows=selection)
 
     @cached_property
     def flip_scores(self) -> pd.DataFrame | None:

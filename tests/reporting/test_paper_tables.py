@@ -31,7 +31,8 @@ def test_table1_hq_counts_and_coverage(tables):
     t1 = pd.read_csv(tables / "table1_main_high_quality_neurons.csv")
     arith = t1[t1["Task"] == "Arithmetic"].iloc[0]
     assert arith["# Loc."] == EXPECTED["arith_units"]
-    assert arith["HQ-T"] == EXPECTED["arith_hq_t"]  # coverage floor removes m1_5's 0.90 row
+    # HQ-T and HQ are the held-out scope (TRAIN combo and TRAIN-chosen target, scored on TEST rows)
+    assert arith["HQ-T"] == arith["HQ"] == EXPECTED["arith_hq_heldout"]
     assert arith["HQ-F"] == EXPECTED["arith_hq_f"]
     assert arith["∪(1→0) (elig. %)"] == EXPECTED["arith_c2i_pct"]
     assert arith["∪(0→1) (elig. %)"] == EXPECTED["arith_i2c_pct"]
@@ -39,6 +40,19 @@ def test_table1_hq_counts_and_coverage(tables):
     assert (jail["HQ-T"], jail["∪(1→0) (elig. %)"]) == (1, 10.0)
     assert (tables / "table1_main_high_quality_neurons.md").read_text().count("Qwen2-7B") == 2
     assert "\\begin{tabular}" in (tables / "table1_main_high_quality_neurons.tex").read_text()
+
+
+@pytest.mark.parametrize("scopes", ["test,all_fit", "test_selected,all_fit", "all_fit", "test"])
+def test_table1_reads_held_out_scope_for_any_scope_pair(tmp_path, repo_root, scopes):
+    """Table 1's HQ-T/HQ-F come from the held-out and ALL-FIT scopes whatever --score_scopes names: no NA."""
+    data, _ = build_tree(tmp_path)
+    out = tmp_path / "out"
+    _run_tables(repo_root, data, out, "--which", "table1", "--score_scopes", scopes)
+    t1 = pd.read_csv(out / "table1_main_high_quality_neurons.csv")
+    arith = t1[t1["Task"] == "Arithmetic"].iloc[0]
+    assert (arith["HQ-T"], arith["HQ-F"], arith["HQ"]) == (EXPECTED["arith_hq_heldout"], EXPECTED["arith_hq_f"],
+                                                           EXPECTED["arith_hq_heldout"])
+    assert not t1[["HQ-T", "HQ-F", "HQ"]].isna().any().any()
 
 
 def test_table2_totals(tables):

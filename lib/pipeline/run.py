@@ -407,11 +407,18 @@ def stage2_command(s: PipelineSettings) -> list[str]:
     return cmd
 
 
+def stage3_support_flags(s: PipelineSettings) -> list[str]:
+    """Stage 3 keeps only literals that stage 4's discovery plan can sample: as many TRAIN rows on each
+    side as the pairs it asks for per rule (`--min_points_per_ablation` there)."""
+    return ["--min_rule_support", s.pairs_per_circuit]
+
+
 def stage3_command(s: PipelineSettings) -> list[str]:
     lay = s.layout
     cmd = [s.python, "3_extract_rules.py", "--features_scores_dir", str(lay.feature_report_dir),
            "--rules_dir", str(lay.rules_dir), "--task_module", s.task_module, "--random_seed", s.seed,
-           "--npermutations", "5", "--only_unique_datapoints_in_shap", "--n_estimators", s.n_estimators]
+           "--npermutations", "5", "--only_unique_datapoints_in_shap", "--n_estimators", s.n_estimators,
+           *stage3_support_flags(s)]
     if s.shap_in_xgb:
         cmd += ["--use_shap_in_xgb", "--use_shap_in_lasso"]
     if s.fake:

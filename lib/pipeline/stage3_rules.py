@@ -50,6 +50,20 @@ class Stage3Config(StageConfig):
                                        "the greedy OR-combo stops when adding a literal raises MCC by this much or "
                                        "less (0 = the original's rule)")
     n_estimators: int = option(500, "number of trees", hidden=True)
+    max_depth: int = option(10, "depth of the trees whose paths become rules (when --validation_grid "
+                                "holds max_depth, the first candidate)")
+    validation_folds: int = option(
+        4, "stratified folds of the TRAIN rows that choose the --validation_grid options by mean held-out-fold "
+           "MCC before the final fit on all TRAIN rows (0 = none: the flags as given)")
+    validation_grid: str = option(
+        "shap_weights,max_depth,combo_size",
+        "what the folds choose: comma list of shap_weights (SHAP-weighted trees on or off, whatever "
+        "--use_shap_in_xgb says), max_depth (--max_depth or one of --validation_max_depths) and combo_size "
+        "(literals in the OR-combo); empty = nothing, the folds only report a validation MCC")
+    validation_max_depths: str = option("2,3,4", "the other tree depths the folds try")
+    min_rule_support: int = option(
+        32, "a literal must fire on at least this many TRAIN rows and miss as many, so that stage 4 finds "
+            "prompts on both sides of it (its --min_points_per_ablation); 0 = off")
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -59,6 +73,17 @@ class Stage3Config(StageConfig):
         require(0 <= self.fake_target_max_abs_corr <= 1, "--fake_target_max_abs_corr must be in [0, 1]")
         require(self.epsilon >= 0, "--epsilon must be >= 0")
         require(self.n_estimators >= 1, "--n_estimators must be >= 1")
+        require(self.validation_folds == 0 or self.validation_folds >= 2,
+                f"--validation_folds must be 0 or >= 2, got {self.validation_folds}")
+        require(self.max_depth >= 1, f"--max_depth must be >= 1, got {self.max_depth}")
+        require(self.min_rule_support >= 0, f"--min_rule_support must be >= 0, got {self.min_rule_support}")
+        from lib.rules.validation import parse_int_list, parse_validation_grid
+
+        try:
+            parse_validation_grid(self.validation_grid)
+            parse_int_list(self.validation_max_depths, "--validation_max_depths")
+        except ValueError as exc:
+            require(False, str(exc))
 
     @property
     def random_seed(self) -> int:

@@ -118,11 +118,15 @@ DEFAULT_MIN_MCC_GAIN = 0.01
 
 
 def find_best_or_combo(rules_table: pd.DataFrame, table: pd.DataFrame, y: Any, *, tail_q: float = 0.9,
-                       min_gain: float = DEFAULT_MIN_MCC_GAIN) -> dict:
+                       min_gain: float = DEFAULT_MIN_MCC_GAIN, min_support: int = 0,
+                       max_literals: int | None = None) -> dict:
     """Select the best OR of literals of `rules_table` for target `y` on `table` (§8, record §8.1).
 
     The greedy OR stops when the best addition raises MCC by `min_gain` or less (the original
-    used 0, which keeps adding leaf rules that isolate single noisy rows and hurt held-out MCC).
+    used 0, which keeps adding leaf rules that isolate single noisy rows and hurt held-out MCC),
+    or once it holds `max_literals` literals (the size a validation split chose). Literals that
+    fire on fewer than `min_support` rows of `table`, or fail to fire on fewer than that many, are
+    not candidates: later stages need that many prompts on each side of a rule to localise it.
     """
     yf = np.asarray(y, dtype=np.float64).ravel()
     if len(table) != yf.size:
@@ -140,6 +144,20 @@ def find_best_or_combo(rules_table: pd.DataFrame, table: pd.DataFrame, y: Any, *
     texts = rows["rule_expression"].astype(str).tolist()
     idx = rows["rule_index"].tolist() if "rule_index" in rows.columns else list(range(k))
     F = literal_masks(texts, table)                    # (n, k) bool
+    n_low_support = 0
+    if min_support > 0 and k:
+        nf = F.sum(axis=0)
+        keep = (nf >= min_support) & (yb.size - nf >= min_support)
+        n_low_support = int(k - keep.sum())
+        F = F[:, keep]
+        texts = [t for t, kp in zip(texts, keep) if kp]
+        idx = [i for i, kp in zip(idx, keep) if kp]
+        k = len(texts)
+        if not k:
+            rec = _failure(f"no literal fires on >= {min_support} rows and misses >= {min_support} rows", info,
+                           len(rows))
+            rec.update({"min_support": int(min_support), "n_candidates_below_min_support": n_low_support})
+            return rec
     n_pos = int(yb.sum())
     n_neg = yb.size - n_pos
     tp = np.count_nonzero(F & yb[:, None], axis=0).astype(np.int64)
@@ -172,6 +190,8 @@ def find_best_or_combo(rules_table: pd.DataFrame, table: pd.DataFrame, y: Any, *
         j = int(np.argmax(m))                          # first maximum = earliest in screened order
         if not ok[j] or not (m[j] - cur_mcc > min_gain):
             break
+        if max_literals is not None and len(greedy) >= max_literals:
+            break
         used[j] = True
         greedy.append(j)
         cur |= Fo[:, j]
@@ -196,6 +216,8 @@ def find_best_or_combo(rules_table: pd.DataFrame, table: pd.DataFrame, y: Any, *
         "greedy_seed_metrics": list(GREEDY_SEED_METRICS), "greedy_winning_seed_metric": "MCC",
         "greedy_winning_seed_literal": None,
         "best_greedy_MCC_by_seed_metric": {"MCC": greedy_mcc},
+        "min_support": int(min_support), "n_candidates_below_min_support": n_low_support,
+        "max_literals": None if max_literals is None else int(max_literals),
     }
     if info["problem"] == "regression":
         rec.update({k_: info[k_] for k_ in ("reg_tail_q", "reg_event_threshold", "reg_event_direction")})

@@ -124,6 +124,50 @@ def test_real_targets_write_all_scopes_and_recover_planted_rule(planted, real_ru
     assert not list(out.glob("*_fake.csv"))
 
 
+CHOICE_FILES = ("association_rules_{t}.csv", "rule_combo_train_{t}.csv", "optimal_rule_set_{t}.csv",
+                "rule_selection_{t}.json")
+
+
+@pytest.mark.slow
+def test_validation_split_is_carved_from_train_and_recorded(planted, real_run):
+    out, res = real_run
+    sel = json.loads((out / "rule_selection_is_correct.json").read_text())
+    scores = pd.read_csv(planted / "scores.csv")
+    n_train = int((~scores["is_test"]).sum())
+    assert sel["n_train_rows"] == n_train and sel["n_fit_rows"] + sel["n_validation_rows"] == n_train
+    assert len(sel["validation_train_positions"]) == sel["n_validation_rows"] == round(0.25 * n_train)
+    assert {t["options"]["use_shap_in_xgb"] for t in sel["trials"]} == {True, False}
+    best = max(t["best"]["validation_MCC"] for t in sel["trials"])
+    assert sel["validation_MCC"] == best > 0.8
+    assert "validation MCC=" in res.stdout and "held-out test MCC=" in res.stdout
+
+
+@pytest.mark.slow
+def test_test_labels_steer_no_choice(planted, real_run, tmp_path):
+    """Permuting the TEST labels leaves every choice (rules, combo, validation choice) byte-identical
+    and changes only the TEST scores."""
+    out, _ = real_run
+    shuffled = tmp_path / "stage2_out"
+    shuffled.mkdir()
+    df = pd.read_csv(planted / "scores.csv")
+    test = df["is_test"].to_numpy()
+    rng = np.random.default_rng(0)
+    labels = df.loc[test, "is_correct"].to_numpy()
+    df.loc[test, "is_correct"] = rng.permutation(labels)
+    assert (df.loc[test, "is_correct"].to_numpy() != labels).any()
+    df.to_csv(shuffled / "scores.csv", index=False)
+    (shuffled / "features.json").write_bytes((planted / "features.json").read_bytes())
+    out2 = tmp_path / "rules"
+    res = stage3("--features_scores_dir", str(shuffled), "--rules_dir", str(out2), *FAST)
+    assert res.returncode == 0, res.stderr
+    for pat in CHOICE_FILES:
+        name = pat.format(t="is_correct")
+        assert (out / name).read_bytes() == (out2 / name).read_bytes(), name
+    held = [pd.read_csv(d / "rule_combo_is_correct.csv").iloc[0] for d in (out, out2)]
+    assert held[0]["expression"] == held[1]["expression"]
+    assert held[0]["MCC"] > 0.8 > held[1]["MCC"]
+
+
 @pytest.mark.slow
 def test_rerun_skips_finished_targets(planted, real_run):
     out, _ = real_run

@@ -159,3 +159,20 @@ def test_frozen_scoring_of_failure_record_fires_nowhere():
 def test_combo_expression():
     assert combo_expression([]) == "FALSE"
     assert combo_expression(["NOT(a < 1)", "b >= 2"]) == "(NOT(a < 1)) OR (b >= 2)"
+
+
+def test_min_support_drops_literals_with_too_few_rows_on_either_side():
+    # a fires on 2 rows, b on 2, c on 5 (and misses 5): with a minimum support of 3 only c is a candidate
+    rt = rules("a >= 0.5", "b >= 0.5", "c >= 0.5")
+    rec = find_best_or_combo(rt, TABLE, Y, min_support=3)
+    assert rec["selected_literals"] == ["c >= 0.5"]
+    assert rec["n_candidates_below_min_support"] == 2 and rec["min_support"] == 3
+    none = find_best_or_combo(rt, TABLE, Y, min_support=6)  # c misses only 5 rows
+    assert not none["found_solution"] and none["n_candidates_below_min_support"] == 3
+
+
+def test_max_literals_cuts_the_greedy_path():
+    rt = rules("a >= 0.5", "b >= 0.5", "c >= 0.5")
+    assert find_best_or_combo(rt, TABLE, Y)["selected_literals"] == ["a >= 0.5", "b >= 0.5"]
+    one = find_best_or_combo(rt, TABLE, Y, max_literals=1)
+    assert len(one["selected_literals"]) == 1 and one["max_literals"] == 1

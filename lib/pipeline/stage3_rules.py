@@ -8,6 +8,7 @@ fake-target control and one-class targets, and writes the stage's files.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import logging
 from pathlib import Path
@@ -231,8 +232,42 @@ def run_stage3(cfg: Stage3Config, echo: Callable[[str], None] = print) -> dict[s
         return results
     echo(f"[stage3] {len(features)} features, {len(train)} train rows"
          + (f", {len(test)} held-out test rows" if test is not None else "") + f"; targets {targets}")
+    sig = _options_signature(cfg, train, test, features, targets)
+    sig_path = rules_dir / "_rule_extraction_signature.json"
+    old = None
+    if sig_path.is_file():
+        try:
+            old = json.loads(sig_path.read_text(encoding="utf-8")).get("signature")
+        except (json.JSONDecodeError, AttributeError):
+            old = None
+    if old != sig["signature"]:
+        if old is not None:
+            echo("[stage3] the data or the rule options changed since the last run: refitting every target")
+        cfg.force_rule_recompute = True  # read by run_rule_extraction (files and SHAP cache)
     results.update(run_rule_extraction(train, features, targets, cfg, eval_df=test, rules_dir=rules_dir, echo=echo))
+    atomic_write_json(sig_path, sig)
     return results
+
+
+_SIGNATURE_KNOBS = ("seed", "npermutations", "only_unique_datapoints_in_shap", "epsilon", "use_shap_in_xgb",
+                    "use_shap_in_lasso", "only_unique_datapoints_in_rule_extraction", "min_combo_mcc_gain",
+                    "n_estimators", "max_depth", "validation_folds", "validation_grid", "validation_max_depths",
+                    "min_rule_support")
+
+
+def _options_signature(cfg: Stage3Config, train: pd.DataFrame, test: pd.DataFrame | None,
+                       features: Sequence[str], targets: Sequence[str]) -> dict:
+    """Key of everything stage 3's rule files depend on (rows, features, targets, knobs): a rerun with
+    other data or flags refits instead of reusing the files of the last run."""
+    from lib.core.files_and_cache import content_key
+
+    cols = list(features) + list(targets)
+    parts = [train[cols]] + ([test[cols]] if test is not None else [])
+    data = hashlib.sha1(b"".join(np.ascontiguousarray(p.to_numpy(dtype=np.float64)).tobytes() for p in parts))
+    details = {"n_train": int(len(train)), "n_test": int(len(test)) if test is not None else 0,
+               "columns_sha1": hashlib.sha1("\x1f".join(cols).encode()).hexdigest(), "values_sha1": data.hexdigest(),
+               "knobs": {k: getattr(cfg, k) for k in _SIGNATURE_KNOBS}}
+    return {"signature": content_key(details), "details": details}
 
 
 EMPTY_RULE_COLUMNS = ("rule_index", "is_negated", "rule_expression", "component_type", "dataset_coverage",

@@ -155,6 +155,40 @@ def test_heldout_test_scope_never_sees_test_labels(tmp_path):
     assert again["reused"] is True
 
 
+def test_best_target_per_unit_is_chosen_on_train_not_test(tmp_path):
+    """Two targets of one unit: `flip_m5_1` is the better one on TRAIN. Scrambling its TEST labels makes
+    `flip_c2i_m5_1` the better one on TEST; the unit's reported target stays `flip_m5_1` (chosen on TRAIN)
+    and only its TEST score drops — choosing on TEST would have switched."""
+    from lib.anchoring.rules import collect_rule_rows, extract_unit_rules, write_rule_summaries
+
+    rng = np.random.default_rng(3)
+    n = 400
+    df = pd.DataFrame({"x1": rng.integers(0, 10, n).astype(float), "x2": rng.integers(0, 4, n).astype(float)})
+    clean = (df.x1 >= 6).to_numpy()
+    noisy = np.where(rng.random(n) < 0.15, ~clean, clean)
+    df["is_test"] = np.arange(n) % 4 == 0
+    df["_evaluated"] = True
+    df["flip_m5_1"] = pd.array(clean, dtype="boolean")
+    df["flip_c2i_m5_1"] = pd.array(noisy, dtype="boolean")
+    df["flip_i2c_m5_1"] = pd.array(np.zeros(n, bool), dtype="boolean")
+    perm = df.copy()
+    test = np.flatnonzero(perm["is_test"].to_numpy())
+    perm.loc[test, "flip_m5_1"] = pd.array(np.random.default_rng(0).permutation(clean[test]), dtype="boolean")
+    unit = Unit("m5", 1, 0.5)
+    args = _args(["--rule_targets", "flip_m5_1,flip_c2i_m5_1"])
+    best = {}
+    for name, frame in (("a", df), ("b", perm)):
+        res = extract_unit_rules(frame, ["x1", "x2"], unit, args, tmp_path / name / "tag" / unit.neuron_key, "f",
+                                 echo=lambda m: None)
+        rows = collect_rule_rows([unit], {unit.neuron_key: res["targets"]}, tmp_path / name, "tag")
+        best[name] = write_rule_summaries(rows, tmp_path / name, "run", args)["test"].set_index("neuron_key")
+        test_rows = rows[rows.score_scope == "test"].set_index("flip_target")["MCC"]
+        if name == "b":  # on TEST the other target now wins
+            assert test_rows["flip_c2i_m5_1"] > test_rows["flip_m5_1"]
+    assert best["a"].loc["m5_1", "flip_target"] == best["b"].loc["m5_1", "flip_target"] == "flip_m5_1"
+    assert best["a"].loc["m5_1", "MCC"] > 0.9 > 0.3 > best["b"].loc["m5_1", "MCC"]
+
+
 # ---- the embedded model with a planted unit ------------------------------------------------
 
 @pytest.fixture(scope="module")

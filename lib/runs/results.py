@@ -3,8 +3,8 @@
 
 It reads the layout the original writes (so archived `data/` trees work) and ours (the same layout
 plus stage 6's per-circuit `cost` blocks, `n_candidates` fields and `cost_summary.json`). It knows the
-score scopes (train, frozen TEST, HQ-T = test_selected, HQ-F = all_fit), the coverage floor, the
-best-row-per-unit rule, the HQ predicate and flip-column unions, so no script re-implements them.
+score scopes (train; HQ-T = test, the frozen TRAIN combo scored on TEST; test_selected, descriptive;
+HQ-F = all_fit), the coverage floor, the best-row-per-unit rule (targets chosen on TRAIN), the HQ predicate and flip-column unions, so no script re-implements them.
 Every malformed input raises ArtifactError naming the file and, where it applies, the column.
 """
 
@@ -51,7 +51,8 @@ __all__ = [
 ]
 
 SCOPES = ("train", "test", "test_selected", "all_fit")
-SCOPE_LABELS = {"train": "TRAIN", "test": "TEST (frozen TRAIN combo)", "test_selected": "HQ-T", "all_fit": "HQ-F"}
+SCOPE_LABELS = {"train": "TRAIN", "test": "HQ-T (held out: TRAIN combo on TEST)",
+                "test_selected": "TEST-selected (descriptive)", "all_fit": "HQ-F"}
 RULE_METRICS_SIGNATURE = "rule_combo_metrics_from_raw_v1"
 DEFAULT_MIN_COVERAGE = 0.005
 DEFAULT_HQ_THRESHOLD = 0.70

@@ -20,14 +20,18 @@ __all__ = ["random_like", "knockout_validation"]
 
 
 def random_like(units: Mapping[int, Sequence[int]], pool: Mapping[int, Sequence[int]], n_sets: int,
-                rng: np.random.Generator) -> list[dict[int, list[int]]]:
-    """`n_sets` random groups with the per-layer counts of `units`, drawn from `pool` minus `units`."""
+                rng: np.random.Generator, layer_width: int | None = None) -> list[dict[int, list[int]]]:
+    """`n_sets` random groups with the per-layer counts of `units`, drawn from `pool` minus `units`; a
+    layer whose pool is too small (e.g. the agonist is its only candidate) draws from all `layer_width`
+    units of that layer instead."""
     out = []
     for _ in range(int(n_sets)):
         group: dict[int, list[int]] = {}
         for L, ids in units.items():
             taken = {int(i) for i in ids}
             free = [int(i) for i in pool.get(L, ()) if int(i) not in taken]
+            if len(free) < len(taken) and layer_width:
+                free = [i for i in range(int(layer_width)) if i not in taken]
             if len(free) < len(taken):
                 raise ValueError(f"layer {L}: {len(free)} units outside the set, {len(taken)} needed for a random set")
             group[int(L)] = sorted(int(x) for x in rng.choice(free, size=len(taken), replace=False))
@@ -44,7 +48,7 @@ def _measures(res, base_margins: np.ndarray) -> tuple[float, float]:
 
 def knockout_validation(tester: SequentialTester, units: Mapping[int, Sequence[int]], pool: Mapping[int, Sequence[int]],
                         n_prompts: int, base_margins: tuple[np.ndarray, np.ndarray], n_random: int,
-                        rng: np.random.Generator) -> dict:
+                        rng: np.random.Generator, layer_width: int | None = None) -> dict:
     """Removal by the found set and by `n_random` random same-size sets, on both slices (one batched call)."""
     units = {int(L): sorted(int(i) for i in ids) for L, ids in units.items() if len(ids)}
     n_units = sum(len(v) for v in units.values())
@@ -52,7 +56,7 @@ def knockout_validation(tester: SequentialTester, units: Mapping[int, Sequence[i
                     "n_prompts_per_slice": int(n_prompts), "n_random_sets": 0}
     if n_units == 0:
         return report
-    randoms = random_like(units, pool, n_random, rng)
+    randoms = random_like(units, pool, n_random, rng, layer_width)
     results = tester([units, *randoms], 0, int(n_prompts))
     for s, name in enumerate(("associated", "unrelated")):
         removal, drop = _measures(results[0][s], base_margins[s])

@@ -58,8 +58,13 @@ def flip_stats_by_neuron(df: pd.DataFrame, units: Sequence[Unit]) -> pd.DataFram
             rec[f"{name}_pct"] = 100.0 * rec[f"{name}_rate"] if not pd.isna(rec[f"{name}_rate"]) else np.nan
         rows.append(rec)
     out = pd.DataFrame(rows)
-    if out.empty:
-        return out
+    if out.empty:  # no unit: the header alone, so readers see the columns
+        names = ("c2i", "i2c", "flip_any") + tuple(_SEMANTIC)
+        cols = (["layer_label", "layer_key", "neuron_id", "neuron", "neuron_key", "max_effect", "baseline_subset",
+                 "n_eval"] + [f"{n}_count" for n in names] + [f"{n}_rate" for n in names]
+                + ["flip_semantic_wrong_share"]
+                + [f"{n}_pct" for n in ("c2i", "i2c", "flip_any", "semantic_wrong", "flip_semantic_wrong")])
+        return pd.DataFrame(columns=cols)
     return out.sort_values(["flip_any_count", "flip_semantic_wrong_count", "c2i_count", "i2c_count", "neuron_key"],
                            ascending=[False, False, False, False, True], na_position="last",
                            kind="mergesort").reset_index(drop=True)

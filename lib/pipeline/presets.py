@@ -34,7 +34,7 @@ PRESETS: Mapping[str, Mapping[str, Any]] = MappingProxyType({
         "discovery": "spectral", "anchoring": "random", "decode_only": True, "max_prompts": 160, "batch_size": 80,
         "no_llm_features": True, "z_thresh": -1, "shap_in_xgb": False, "max_circuits": 2, "pairs_per_circuit": 6,
         "discovery_clusters": 4, "ig_steps": 1, "n_points": 6, "anchoring_clusters": 4, "top_k_neurons": 32,
-        "mean_pool": 32, "tau": 0.3, "stage7_max_points": 48, "stage7_min_points": 16, "stage7_clusters": 8,
+        "mean_pool": 32, "tau": 0.5, "stage7_max_points": 48, "stage7_min_points": 16, "stage7_clusters": 8,
         "neuron_batch_size": 8, "n_estimators": 30, "num_threads": 1, "stage5_batch_size": 16,
     }),
 })
@@ -46,5 +46,7 @@ Presets:
         single flip already lifts the Clopper-Pearson bound above 0.2), 200 trees, stage 7 on
         <= 128 rows in 16 clusters, 2 threads: the embedded SmolLM2 in under 15 minutes on 2 cores.
   tiny  160 prompts, stage 3 without SHAP-weighted trees (30 trees), spectral discovery plan +
-        random anchoring, 6 pairs, top 32 units, 6+6 prompts at τ=0.3, 2 rules, stage 7 on <= 48 rows,
-        1 thread (the end-to-end test)."""
+        random anchoring, 6 pairs, top 32 units, 6+6 prompts at τ=0.5 (with 6 prompts a group
+        without a flip still has a Clopper-Pearson bound of 0.46, so at τ <= 0.46 CHA could prune
+        nothing; one flip gives 0.64, so a unit with a flip stays an agonist), 2 rules, stage 7 on
+        <= 48 rows, 1 thread (the end-to-end test)."""

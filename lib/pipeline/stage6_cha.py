@@ -362,7 +362,8 @@ class Stage6:
         if a.knockout_random_sets > 0 and seq_tester is not None:
             knockout = knockout_validation(seq_tester, found, units, n_max,
                                            (seq_tester.base_margins[0], seq_tester.base_margins[1]),
-                                           a.knockout_random_sets, _circuit_rng(a.seed + 1, c))
+                                           a.knockout_random_sets, _circuit_rng(a.seed + 1, c),
+                                           layer_width=self.models[self.ai_model].d_model)
         cost = {**cost_block(records, n_candidates, a.search_epsilon), "statistic": a.cha_statistic,
                 "scope": a.cha_scope, "group_evaluations": int(seq_cost["evaluations"]),
                 "background_groups": int(seq_cost["background_groups"]),

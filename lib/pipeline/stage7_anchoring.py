@@ -282,6 +282,11 @@ def _flips(df: pd.DataFrame, units: list[Unit], args: Stage7Config, task: Any, g
            tag: str, scores_path: Path, echo: Callable[[str], None]) -> tuple[pd.DataFrame, dict]:
     """Evaluation frame with flip columns appended, and the run report."""
     prompt_col, main_metric = task.DEFAULT_INPUT, task.DEFAULT_TARGETS[0]
+    if not units:  # stage 6 found no agonist: nothing to ablate, no model needed; the files say so
+        echo("[stage7] no candidate unit: stage 6 found no agonist, nothing is ablated")
+        frame = df.assign(_evaluated=False)
+        return frame, {"n_units": 0, "n_rows": int(len(frame)), "n_unit_generations": 0, "n_baseline_mismatch": 0,
+                       "sampling": None, "policy_tag": tag, "scores_sha1": file_digest(scores_path, "sha1")}
     frame, sampling = _eval_rows(df, args, prompt_col, get_model, rules_dir, echo)
     ctx = AblationContext(get_model.ai_model or "", task, args.task_module, bool(args.decode_only), args.intervention,
                           int(args.batch_size), str(args.dtype), get_model)

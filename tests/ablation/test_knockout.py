@@ -5,6 +5,7 @@ same layer mix do not, and the random sets keep the layer mix and never contain 
 from __future__ import annotations
 
 import numpy as np
+import pytest
 
 from lib.ablation.knockout import knockout_validation, random_like
 from tests.ablation.test_sequential_cha import N_MAX, FragileModel
@@ -20,6 +21,15 @@ def test_random_sets_keep_the_layer_mix_and_leave_the_found_units_out():
         assert not set(g[0]) & {3, 9} and 5 not in g[1]
         assert set(g[0]) <= set(pool[0]) and set(g[1]) <= set(pool[1])
     assert len({tuple(g[0]) for g in sets}) > 10  # they are drawn, not fixed
+
+
+def test_a_layer_whose_only_candidate_is_the_agonist_draws_from_the_whole_layer():
+    units, pool = {21: [4]}, {21: [4], 3: [1, 2]}
+    with pytest.raises(ValueError, match="layer 21: 0 units outside the set"):
+        random_like(units, pool, 3, np.random.default_rng(0))
+    sets = random_like(units, pool, 30, np.random.default_rng(0), layer_width=8)
+    assert all(len(g[21]) == 1 and g[21][0] != 4 and 0 <= g[21][0] < 8 for g in sets)
+    assert len({g[21][0] for g in sets}) > 3
 
 
 def test_planted_units_knocked_out_remove_the_behaviour_random_sets_do_not():

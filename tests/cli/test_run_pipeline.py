@@ -20,7 +20,7 @@ from lib.runs.layout import ExperimentLayout, RunOptions, run_mode
 REPO = Path(__file__).resolve().parents[2]
 MODEL = "smollm2-135m-instruct-q4_1"
 DRIVER = REPO / "_run_pipeline.sh"
-TINY_OPTS = RunOptions(discovery_sampling="spectral", anchoring="random", tau=0.3)  # the tiny preset's run mode
+TINY_OPTS = RunOptions(discovery_sampling="spectral", anchoring="random", tau=0.5)  # the tiny preset's run mode
 
 
 def _env() -> dict[str, str]:
@@ -51,7 +51,7 @@ def test_tiny_pipeline_runs_every_stage(tiny_run):
     proc, lay = tiny_run
     assert proc.returncode == 0, proc.stderr[-4000:]
     name = run_mode(TINY_OPTS)
-    assert name == "rule_split-spectral_sample-decode_only-agonist_neurons-fast-random_anchor-tau0.3"
+    assert name == "rule_split-spectral_sample-decode_only-agonist_neurons-fast-random_anchor-tau0.5"
     assert f"run mode {name}" in proc.stderr
     for stage in range(1, 8):
         assert f"stage {stage} (" in proc.stderr
@@ -95,16 +95,52 @@ def test_tiny_pipeline_rule_ids_flow_from_stage3_to_stage7(tiny_run):
         buckets = json.loads((base / "neuron_buckets.json").read_text())
         for key, rec in buckets["non_catastrophic_agonists"].items():
             assert int(rec["last_record"]["circuit_id"]) in ok5
-            if abs(float(rec["last_record"]["max_effect"])) >= 0.3:
+            if abs(float(rec["last_record"]["max_effect"])) >= TINY_OPTS.tau:
                 agonists.add(key)
     assert n_evaluations >= 1  # a regime may skip a circuit (too few prompts), not both
-    # stage 7: its units are stage 6's τ-agonists
+    # stage 7: its units are exactly stage 6's τ-agonists (also when there are none: which rules stage 3
+    # hands on decides whether a 6-prompt slice finds one)
+    assert f"[stage7] {len(agonists)} candidate unit(s) (τ={TINY_OPTS.tau})" in proc.stdout
     stats = lay.stats_dir(run_mode(TINY_OPTS))
-    if agonists:
-        assert stats.is_dir(), f"stage 7 wrote no {stats}"
-        df = pd.read_csv(stats / "flip_stats_by_neuron.csv")
-        units = {f"{row.layer_label}:{int(row.neuron_id)}" for row in df.itertuples()}
-        assert units and units <= agonists, (units, agonists)
+    assert stats.is_dir(), f"stage 7 wrote no {stats}"
+    df = pd.read_csv(stats / "flip_stats_by_neuron.csv")
+    units = {f"{row.layer_label}:{int(row.neuron_id)}" for row in df.itertuples()}
+    assert units == agonists, (units, agonists)
+
+
+@pytest.mark.slow
+def test_tiny_pipeline_stage6_prunes_groups(tiny_run):
+    """The tiny preset's CHA discards groups: with 6 prompts per slice a group that flips nothing has
+    a Clopper-Pearson bound of 0.46 < τ = 0.5, so it is pruned with its subtree (its units are never
+    ablated alone), and every analysed circuit costs fewer group tests than its full tree."""
+    proc, lay = tiny_run
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert "CHA prunes nothing" not in proc.stderr + proc.stdout
+    analysed = 0
+    for regime in ("positive", "negative"):
+        base = lay.baseline_dir(TINY_OPTS, regime)
+        cost = json.loads((base / "cost_summary.json").read_text())
+        ok = [rec for rec in (json.loads(p.read_text()) for p in sorted(base.glob("is_correct/rule_*.json")))
+              if rec["status"] == "ok"]
+        assert len(ok) == cost["n_ok"], regime
+        if not ok:  # a regime may skip every circuit (too few prompts on a rule side); the other is checked
+            continue
+        analysed += 1
+        n_pruned = 0
+        for rec in ok:
+            assert min(rec["n_associated_tested"], rec["n_unrelated_tested"]) == 6, rec["circuit_id"]  # no slice below 6
+            groups = [(next(iter(r["layers_neurons_dict"].items())), r) for r in rec["ablations"]]
+            roots = {layer: len(ids) for (layer, ids), r in groups if r["depth"] == 0}
+            full_tree = sum(2 * n - 1 for n in roots.values())  # every node of every layer's tree
+            assert rec["cost"]["n_evaluations"] == len(groups) < full_tree, (regime, rec["circuit_id"], full_tree)
+            for (layer, ids), r in groups:
+                if r["group_size"] > 1 and not r["split"]:
+                    n_pruned += 1
+                    assert r["stop_reason"] == "max_effect_below_epsilon" and r["max_effect"] < TINY_OPTS.tau
+                    below = [r2 for (l2, ids2), r2 in groups if l2 == layer and set(ids2) < set(ids)]
+                    assert below == [], f"a pruned group's subtree was evaluated ({regime}, {rec['circuit_id']})"
+        assert n_pruned >= 1, f"CHA pruned no group in the {regime} regime"
+    assert analysed >= 1, "stage 6 analysed no circuit in either regime"
 
 
 def test_failing_stage_stops_the_driver_with_its_name(tmp_path):

@@ -119,14 +119,19 @@ def test_same_seed_same_plan_and_length_matching(workdir, with_session_model):
 
     lengths = token_lengths(with_session_model.tokenizer, table.prompts)
     plan = json.loads(b)
-    for e in (x for x in plan["rules"] if x["status"] == "ok"):
+    ok = [x for x in plan["rules"] if x["status"] == "ok"]
+    assert [e["rule_id"] for e in ok] == [0, 1]  # as in plan_a: rule 2 covers too few TRAIN rows
+    matched = 0
+    for e in ok:
         mask = rule_mask(table.df, e["rule"], e["rule_direction"])
         neg_lengths = set(lengths[~mask].tolist())
+        assert e["pairing_meta"]["pair_meta"]
         for pm in e["pairing_meta"]["pair_meta"]:
             assert pm["source_len"] == lengths[pm["source_idx"]] and pm["target_len"] == lengths[pm["target_idx"]]
             assert pm["len_matched"] == (pm["source_len"] in neg_lengths)  # tolerance 0
-            if pm["len_matched"]:
-                assert pm["len_diff"] == 0
+            assert pm["len_matched"] == (pm["len_diff"] == 0)
+            matched += pm["len_matched"]
+    assert matched > 0  # some pairs are length-matched, so the tolerance-0 check above is exercised
     assert stage4.main(_argv(workdir, "plan_d.json", *DISCOVERY, "--seed", "3")) == 0
     assert json.loads((workdir / "plan_d.json").read_text())["dataset_size"] == 32
 

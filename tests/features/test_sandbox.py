@@ -247,7 +247,9 @@ def test_worker_limits_as_seen_by_feature_code(sandbox: FeatureSandbox) -> None:
     assert report["big_alloc"] == "MemoryError"
     assert report["recursion_limit"] <= 1000
     if os.getuid() == 0:
-        assert report["uid"] != 0
+        assert report["uid"] != 0  # root drops privileges
+    else:
+        assert report["uid"] == os.getuid()  # nothing to drop: the worker keeps the caller's uid
     # the worker still talks over its pipe after the limits (large table, reply > pipe buffer)
     n = 20000
     length = Feature("len", "", _src("return len(prompt)"))

@@ -153,15 +153,19 @@ def test_hf_id_with_optional_revision(tmp_path, monkeypatch, spec, location, rev
     assert src.spec == spec and src.architecture is None and not src.is_gguf
 
 
-@pytest.mark.parametrize("spec", ["a/b/c", "/abs/path/model", "./rel/model", "org/name@latest"])
+@pytest.mark.parametrize("spec", ["a/b/c", "/abs/path/model", "./rel/model"])
 def test_malformed_hub_ids_are_errors(tmp_path, monkeypatch, spec):
     monkeypatch.chdir(tmp_path)
-    if spec == "org/name@latest":
-        # `@latest` is not a step suffix, so the whole string is the id (the hub will reject it)
-        assert resolve_model_source(spec, tmp_path).location == spec
-        return
     with pytest.raises(ModelResolutionError, match="unknown model"):
         resolve_model_source(spec, tmp_path)
+
+
+def test_a_non_step_revision_suffix_stays_part_of_the_hub_id(tmp_path, monkeypatch):
+    """`@latest` is not a step suffix, so the whole string is the id (the hub will reject it)."""
+    monkeypatch.chdir(tmp_path)
+    src = resolve_model_source("org/name@latest", tmp_path)
+    assert src.kind == "hf_id"
+    assert src.location == "org/name@latest" and src.revision is None
 
 
 # ---- device and dtype ----------------------------------------------------------------------------

@@ -1,10 +1,17 @@
 """The pipeline runner (`lib.pipeline.run`): its stage commands, paths, timings table and option errors
 equal those of the original bash driver (fixture captured from it with --dry_run / --print_paths), the
-original option names map to ours, and a second seed gets its own stage-2/3 folders."""
+original option names map to ours, and a second seed gets its own stage-2/3 folders.
+
+One preset differs from the bash driver's on purpose: tiny runs at τ = 0.5 (the bash driver: 0.3), so
+that CHA can prune with its 6 prompts per slice (docs/DEVIATIONS.md, Drivers 14). The tiny cases are
+therefore compared twice: with `--tau 0.3` the commands must equal the capture byte for byte (τ is the
+only change), and without it they must equal the capture with τ replaced in exactly the places it
+reaches (stage-6/7 `--search_epsilon`, the run-mode folder names, `TAU=`)."""
 
 from __future__ import annotations
 
 import json
+import re
 import shlex
 from pathlib import Path
 
@@ -15,6 +22,35 @@ from lib.pipeline import run as runner
 FIXTURE = json.loads((Path(__file__).resolve().parents[1] / "data" / "run_pipeline_bash_dry_runs.json").read_text())
 MODEL = "smollm2-135m-instruct-q4_1"
 BASE = ["arithmetic", MODEL, "--data_root", "data_fx", "--cache_root", "cache_fx"]
+BASH_TINY_TAU, TINY_TAU = "0.3", "0.5"  # the bash driver's tiny τ, and ours
+
+
+def _is_tiny(case: dict) -> bool:
+    opts = case["options"]
+    return any(a == "--preset" and b == "tiny" for a, b in zip(opts, opts[1:]))
+
+
+TINY_CASES = [c for c in FIXTURE["runs"] if _is_tiny(c)]
+
+
+def _bash_preset_options(case: dict) -> list[str]:
+    """The case's options, pinning the bash driver's τ for the tiny preset (the only preset value changed)."""
+    return [*case["options"], "--tau", BASH_TINY_TAU] if _is_tiny(case) else list(case["options"])
+
+
+_TAU_SITES = [(re.compile(r"--search_epsilon 0\.3(?![0-9])"), f"--search_epsilon {TINY_TAU}"),
+              (re.compile(r"-tau0\.3(?![0-9])"), f"-tau{TINY_TAU}"), (re.compile(r"^TAU=0\.3$"), f"TAU={TINY_TAU}")]
+
+
+def _with_tiny_tau(lines: list[str]) -> list[str]:
+    """The bash capture of a tiny case with our tiny τ in every place τ reaches."""
+    out = []
+    for line in lines:
+        for pattern, repl in _TAU_SITES:
+            line = pattern.sub(repl, line)
+        out.append(line)
+    assert out != lines, "the capture has no τ to replace: the fixture is not the tiny preset's"
+    return out
 
 
 def _dry(monkeypatch, capsys, options: list[str], task_model: list[str] | None = None) -> tuple[int, str, str]:
@@ -26,21 +62,57 @@ def _dry(monkeypatch, capsys, options: list[str], task_model: list[str] | None =
     return rc, out.out, out.err
 
 
+NEW_STAGE3_FLAGS = ("--min_rule_support",)
+"""Stage-3 flags the bash driver did not pass (docs/DEVIATIONS.md, stage 3 item 10); `_commands` drops
+them (flag and value) so the rest is compared with the capture, and a test below checks their values."""
+
+
+def _without_new_flags(head: str, argv: list[str]) -> list[str]:
+    if " stage 3 " not in head + " ":
+        return argv
+    out, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+            continue
+        if a in NEW_STAGE3_FLAGS:
+            skip = True
+            continue
+        out.append(a)
+    return out
+
+
 def _commands(stderr: str) -> list[tuple[str, list[str]]]:
-    """(`[pipeline] stage N (name)` or the whole log line, argv) of each `[pipeline]` line."""
+    """(`[pipeline] stage N (name)` or the whole log line, argv without the new stage-3 flags) of each
+    `[pipeline]` line."""
     rows = []
     for line in stderr.splitlines():
         if not line.startswith("[pipeline]"):
             continue
         head, sep, cmd = line.partition("): ")
-        rows.append((head, shlex.split(cmd)) if sep and " stage " in head else (line, []))
+        rows.append((head, _without_new_flags(head, shlex.split(cmd))) if sep and " stage " in head else (line, []))
     return rows
+
+
+@pytest.mark.parametrize("preset, pairs", [("cpu", "16"), ("tiny", "6"), ("paper", "128")])
+def test_stage3_gets_the_discovery_plans_pairs_as_minimum_support(monkeypatch, capsys, tmp_path, preset, pairs):
+    monkeypatch.chdir(tmp_path)
+    rc, _, err = _dry(monkeypatch, capsys, ["--preset", preset, "--dry_run"])
+    assert rc == 0
+    line = next(ln for ln in err.splitlines() if ln.startswith("[pipeline] stage 3 "))
+    argv = shlex.split(line.partition("): ")[2])
+    assert argv[argv.index("--min_rule_support") + 1] == pairs
+    stage4 = [ln for ln in err.splitlines() if "discovery plan" in ln and "): " in ln]
+    assert len(stage4) == (preset != "paper")  # the paper preset's discovery is random: no stage-4 plan
+    for ln in stage4:
+        s4 = shlex.split(ln.partition("): ")[2])
+        assert s4[s4.index("--min_points_per_ablation") + 1] == pairs
 
 
 @pytest.mark.parametrize("case", FIXTURE["runs"], ids=lambda c: " ".join(c["options"]) or "paper")
 def test_dry_run_commands_equal_the_bash_driver(monkeypatch, capsys, tmp_path, case):
     monkeypatch.chdir(tmp_path)  # an empty folder: no stage output exists, nothing is skipped
-    rc, _, err = _dry(monkeypatch, capsys, [*case["options"], "--dry_run"])
+    rc, _, err = _dry(monkeypatch, capsys, [*_bash_preset_options(case), "--dry_run"])
     assert rc == case["rc"]
     assert _commands(err) == _commands("\n".join(case["commands"]))
     assert [line for line in err.splitlines() if line.startswith("  ")] == case["timings"]
@@ -48,9 +120,32 @@ def test_dry_run_commands_equal_the_bash_driver(monkeypatch, capsys, tmp_path, c
 
 @pytest.mark.parametrize("case", FIXTURE["runs"], ids=lambda c: " ".join(c["options"]) or "paper")
 def test_print_paths_equal_the_bash_driver(monkeypatch, capsys, case):
-    rc, out, _ = _dry(monkeypatch, capsys, [*case["options"], "--print_paths"])
+    rc, out, _ = _dry(monkeypatch, capsys, [*_bash_preset_options(case), "--print_paths"])
     assert rc == 0
     assert out.splitlines() == case["print_paths"]
+
+
+@pytest.mark.parametrize("case", TINY_CASES, ids=lambda c: " ".join(c["options"]))
+def test_tiny_preset_is_the_bash_drivers_with_tau_0_5(monkeypatch, capsys, tmp_path, case):
+    """Without `--tau`, the tiny preset's commands and paths are the capture's with τ = 0.5."""
+    monkeypatch.chdir(tmp_path)
+    rc, _, err = _dry(monkeypatch, capsys, [*case["options"], "--dry_run"])
+    assert rc == case["rc"]
+    got, want = _commands(err), _commands("\n".join(_with_tiny_tau(case["commands"])))
+    assert got == want
+    assert got != _commands("\n".join(case["commands"]))
+    stage6 = [cmd for head, cmd in got if "stage 6" in head]
+    assert all(cmd[cmd.index("--search_epsilon") + 1] == TINY_TAU for cmd in stage6)
+    assert [line for line in err.splitlines() if line.startswith("  ")] == case["timings"]
+    rc, out, _ = _dry(monkeypatch, capsys, [*case["options"], "--print_paths"])
+    assert rc == 0
+    assert out.splitlines() == _with_tiny_tau(case["print_paths"])
+    assert f"TAU={TINY_TAU}" in out.splitlines()
+
+
+def test_the_fixture_has_tiny_cases_with_and_without_stage6():
+    assert len(TINY_CASES) == 3
+    assert sum(any("6_analyze_bag_of_rules.py" in line for line in c["commands"]) for c in TINY_CASES) == 2
 
 
 @pytest.mark.parametrize("case", FIXTURE["errors"], ids=lambda c: " ".join(c["options"]))

@@ -316,6 +316,30 @@ def test_batched_flip_counts_equal_one_unit_at_a_time(tmp_path, smollm2, planted
     assert counts[0]["flip_m10_33"] == int(frame.result_first_digit_2.sum()) > 0
 
 
+def test_no_agonist_means_nothing_to_ablate_and_no_model(tmp_path, capsys, monkeypatch):
+    """Stage 6 found no unit above τ: stage 7 exits 0 without loading a model and writes empty flip statistics."""
+    import lib.models.loading as mab
+
+    def no_model(*a, **k):
+        raise AssertionError("a model was loaded although there is no unit to ablate")
+
+    monkeypatch.setattr(mab, "load_analysed_model", no_model)
+    df = pd.DataFrame({"prompt": [f"{i}+1=" for i in range(20)], "answer": [str(i + 1) for i in range(20)],
+                       "is_correct": [True] * 20, "is_test": [i % 5 == 0 for i in range(20)],
+                       "result_first_digit_2": [float(str(i + 1)[0] == "2") for i in range(20)]})
+    feats = _write_stage2(tmp_path, df)
+    bag = write_buckets(tmp_path / "bag")
+    rules = tmp_path / "rules"
+    argv = ["--circuit_agonists_path", str(bag), "--features_scores_dir", str(feats), "--ai_model", SMOLLM2,
+            "--search_epsilon", "0.99", "--stats_dirname", RUN, "--rules_dir", str(rules), "--extract_rules",
+            "--summarize_rule_metrics", "--decode_only", "--no_tqdm_batches"]
+    assert _run(argv) == 0
+    out = capsys.readouterr().out
+    assert "0 candidate unit(s)" in out and "nothing is ablated" in out
+    fsn = pd.read_csv(rules / "stats" / RUN / "flip_stats_by_neuron.csv")
+    assert len(fsn) == 0
+
+
 def test_stage7_bad_input(tmp_path, capsys):
     feats = tmp_path / "fr"
     feats.mkdir()

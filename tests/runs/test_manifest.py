@@ -3,11 +3,20 @@
 from __future__ import annotations
 
 import json
+import shutil
+import subprocess
 
-from lib.runs.manifest import MANIFEST_NAME, TRACKED_PACKAGES, library_versions, read_manifest, record_stage
+import pytest
+
+from lib.runs import manifest as manifest_mod
+from lib.runs.manifest import (MANIFEST_NAME, TRACKED_PACKAGES, git_commit, library_versions, read_manifest,
+                               record_stage)
+
+FAKE_GIT = {"commit": "0123456789abcdef0123456789abcdef01234567", "dirty": False}
 
 
-def test_record_stage_writes_each_folder_and_keeps_other_stages(tmp_path):
+def test_record_stage_writes_each_folder_and_keeps_other_stages(tmp_path, monkeypatch):
+    monkeypatch.setattr(manifest_mod, "git_commit", lambda: dict(FAKE_GIT))  # the checkout's state is not fixed
     a, b = tmp_path / "a", tmp_path / "b"
     a.mkdir()
     b.mkdir()
@@ -25,7 +34,31 @@ def test_record_stage_writes_each_folder_and_keeps_other_stages(tmp_path):
     assert entry["device"] == "cpu" and entry["config"]["x"] == [1, 2]
     for pkg in ("torch", "transformers", "transformer-lens", "xgboost", "shap", "scikit-learn"):
         assert entry["versions"][pkg], pkg
-    assert entry["git"] is None or len(entry["git"]["commit"]) == 40
+    assert entry["git"] == FAKE_GIT
+
+
+def _git(repo, *args: str) -> str:
+    return subprocess.run(["git", "-C", str(repo), "-c", "user.name=t", "-c", "user.email=t@example.invalid",
+                           "-c", "commit.gpgsign=false", *args], check=True, capture_output=True, text=True).stdout.strip()
+
+
+def test_git_commit_reads_head_and_dirty_state_and_is_none_outside_a_checkout(tmp_path):
+    if not shutil.which("git"):
+        pytest.skip("git is not installed on this machine")
+    assert git_commit(tmp_path) is None  # no .git folder
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    _git(repo, "init", "-q")
+    (repo / "a.txt").write_text("1")
+    _git(repo, "add", "a.txt")
+    _git(repo, "commit", "-q", "-m", "first")
+    head = _git(repo, "rev-parse", "HEAD")
+    assert len(head) == 40
+    assert git_commit(repo) == {"commit": head, "dirty": False}
+    (repo / "untracked.txt").write_text("x")  # untracked files do not make the tree dirty
+    assert git_commit(repo) == {"commit": head, "dirty": False}
+    (repo / "a.txt").write_text("2")
+    assert git_commit(repo) == {"commit": head, "dirty": True}
 
 
 def test_missing_folders_are_not_created_and_a_torn_manifest_is_rewritten(tmp_path):

@@ -134,10 +134,12 @@ def test_validation_split_is_carved_from_train_and_recorded(planted, real_run):
     sel = json.loads((out / "rule_selection_is_correct.json").read_text())
     scores = pd.read_csv(planted / "scores.csv")
     n_train = int((~scores["is_test"]).sum())
-    assert sel["n_train_rows"] == n_train and sel["n_fit_rows"] + sel["n_validation_rows"] == n_train
-    assert len(sel["validation_train_positions"]) == sel["n_validation_rows"] == round(0.25 * n_train)
+    assert sel["n_train_rows"] == n_train and sel["validation_folds"] == 4
+    folds = np.bincount(sel["fold_of_train_row"])
+    assert len(sel["fold_of_train_row"]) == n_train and folds.min() >= n_train // 4 - 1 and len(folds) == 4
     assert {t["options"]["use_shap_in_xgb"] for t in sel["trials"]} == {True, False}
-    best = max(t["best"]["validation_MCC"] for t in sel["trials"])
+    assert {t["options"]["max_depth"] for t in sel["trials"]} == {10, 2, 3, 4}
+    best = max(t["best"]["mean_validation_MCC"] for t in sel["trials"])
     assert sel["validation_MCC"] == best > 0.8
     assert "validation MCC=" in res.stdout and "held-out test MCC=" in res.stdout
 

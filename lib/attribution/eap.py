@@ -18,9 +18,10 @@ from __future__ import annotations
 
 import contextlib
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, fields, replace
 from typing import Any, Callable, Iterator, Sequence
 
+import numpy as np
 import torch
 from tqdm.auto import tqdm
 
@@ -48,6 +49,7 @@ __all__ = [
     "attribute_batch",
     "AttributionResult",
     "attribute_pairs",
+    "exact_unit_effects",
     "normalised_logit",
     "evaluate_batch",
     "evaluate_pairs",
@@ -483,6 +485,78 @@ def attribute_pairs(model: Any, clean: Sequence[EncodedText], corrupted: Sequenc
         metric_sum += float(m.sum())
         n_batches += 1
     return AttributionResult(total / len(clean), len(clean), n_batches, metric_sum / len(clean))
+
+
+# --------------------------------------------------------------------------------------------
+# Exact single-unit interventions (the quantity the attribution scores approximate)
+# --------------------------------------------------------------------------------------------
+
+
+def _tile_batch(batch: PairBatch, k: int) -> PairBatch:
+    """The batch repeated k times along the item axis (row j·B + i is item i of copy j)."""
+    return replace(batch, **{f.name: getattr(batch, f.name).repeat(k, 1) for f in fields(batch)
+                             if isinstance(getattr(batch, f.name), torch.Tensor)})
+
+
+def _single_unit_hooks(values: torch.Tensor, where: torch.Tensor, part: Sequence[int], d: int,
+                       b: int) -> list[tuple[str, Callable]]:
+    """Hooks giving unit part[j] (flat L·d + i) its intervention value in rows j·b..(j+1)·b − 1 only."""
+    by_layer: dict[int, list[tuple[int, int]]] = {}
+    for j, u in enumerate(part):
+        by_layer.setdefault(u // d, []).append((j, u % d))
+
+    def maker(layer: int, members: list[tuple[int, int]]) -> Callable:
+        def fn(act: torch.Tensor, hook: Any) -> torch.Tensor:
+            out = act.clone()
+            for j, i in members:
+                rows = slice(j * b, (j + 1) * b)
+                out[rows, :, i] = torch.where(where, values[layer][..., i].to(act.dtype), act[rows, :, i])
+            return out
+        return fn
+
+    return [(mlp_out_hook(layer), maker(layer, members)) for layer, members in by_layer.items()]
+
+
+def exact_unit_effects(model: Any, clean: Sequence[EncodedText], corrupted: Sequence[EncodedText],
+                       units: Sequence[int], *, metric: str = "answer_logprob", intervention: str = "patching",
+                       temporal_agg: str = "mean", means: MeanActivations | None = None,
+                       decode_only: bool = False, decode_mode: str = "after_prompt", batch_size: int = 8,
+                       chunk: int = 8, progress: bool = True, desc: str = "exact effects") -> np.ndarray:
+    """Mean metric change over pairs when unit L·d + i alone takes its intervention value (what scores estimate)."""
+    L, d = model.n_layers, model.d_model
+    units = [int(u) for u in units]
+    if any(not 0 <= u < L * d for u in units):
+        raise ValueError(f"units are flat indices L * d + i in [0, {L * d})")
+    if chunk < 1:
+        raise ValueError(f"chunk (units per forward pass) must be >= 1, got {chunk}")
+    if not clean:
+        raise ValueError("no pairs to patch")
+    total = torch.zeros(len(units), dtype=torch.float64)
+    batches = list(iter_pair_batches(clean, corrupted, batch_size, _pad_id(model), model.device, decode_only,
+                                     decode_mode))
+    bar = tqdm(total=len(batches) * len(units), desc=desc, disable=not progress, leave=False)
+    with torch.no_grad():
+        for batch in batches:
+            clean_logits = _forward(model, batch.clean_ids, batch.clean_mask, [], batch.logit_start)
+            corr_acts = None
+            if intervention == "patching":
+                _, corr_acts, _ = _capture(model, batch.corr_ids, batch.corr_mask)
+            values, where = intervention_values(intervention, batch, corr_acts, means, L, d, clean_logits.device)
+            ref = clean_logits if metric == "kl" else None
+            base = metric_per_item(clean_logits, batch, metric, temporal_agg, ref)
+            b = batch.size
+            for s in range(0, len(units), chunk):
+                part = units[s:s + chunk]
+                k = len(part)
+                rows = _tile_batch(batch, k)
+                hooks = _single_unit_hooks(values, where, part, d, b)
+                logits = _forward(model, rows.clean_ids, rows.clean_mask, hooks, rows.logit_start)
+                rows_ref = clean_logits.repeat(k, 1, 1) if metric == "kl" else None
+                moved = metric_per_item(logits, rows, metric, temporal_agg, rows_ref).view(k, b) - base
+                total[s:s + k] += moved.sum(1).double().cpu()
+                bar.update(k)
+    bar.close()
+    return (total / len(clean)).numpy()
 
 
 # --------------------------------------------------------------------------------------------

@@ -72,21 +72,20 @@ def _stage3(rules_dir: Path, target: str) -> tuple[list[str], list[str]]:
     rules = pd.read_csv(path)
     ids = [str(i) for i in range(len(rules))]
     metrics = []
+    sel = _json_or_none(rules_dir / f"rule_selection_{target}.json")
     for scope, name in (("TRAIN", f"rule_combo_train_{target}.csv"), ("TEST", f"rule_combo_{target}.csv")):
         p = rules_dir / name
         if p.is_file():
             row = pd.read_csv(p)
             if not row.empty and "MCC" in row.columns:
                 metrics.append(f"{scope} MCC {float(row['MCC'].iloc[0]):.2f}")
-        sel = _json_or_none(rules_dir / f"rule_selection_{target}.json") if scope == "TRAIN" else None
-        if sel is not None and sel.get("validation_MCC") is not None:
+        if scope == "TRAIN" and sel and sel.get("validation_MCC") is not None:
             metrics.append(f"validation MCC {float(sel['validation_MCC']):.2f} "
                            f"(mean of {sel.get('validation_folds')} folds of TRAIN)")
     out.append(f"  {len(rules)} rule(s) in the OR-combination" + (f" ({', '.join(metrics)})" if metrics else ""))
-    if sel_file := _json_or_none(rules_dir / f"rule_selection_{target}.json"):
-        out.append(f"  chosen on the validation folds: {sel_file.get('chosen_label')}"
-                   + (f", at most {sel_file['chosen_max_literals']} literal(s)"
-                      if sel_file.get("chosen_max_literals") else ""))
+    if sel:
+        out.append(f"  chosen on the validation folds: {sel.get('chosen_label')}"
+                   + (f", at most {sel['chosen_max_literals']} literal(s)" if sel.get("chosen_max_literals") else ""))
     col = "rule_expression" if "rule_expression" in rules.columns else rules.columns[0]
     for i, expr in enumerate(rules[col].head(5)):
         out.append(f"  rule {i}: {_short(expr)}")

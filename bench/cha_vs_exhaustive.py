@@ -49,6 +49,7 @@ from tqdm import tqdm  # noqa: E402
 
 from lib.ablation.cha import run_cha  # noqa: E402
 from lib.ablation.engine import AblationEngine  # noqa: E402
+from lib.ablation.task_engine import engine_for_task  # noqa: E402
 from lib.ablation.engine_tester import EngineSequentialTester  # noqa: E402
 from lib.ablation.interventions import estimate_replacements  # noqa: E402
 from lib.ablation.knockout import knockout_validation  # noqa: E402
@@ -313,8 +314,7 @@ def main() -> None:
     space_name = "all_layers" if a.all_layers else f"layers{layers[0]}-{layers[-1]}" if len(layers) > 1 else f"layer{layers[0]}"
     work = Path(a.work_dir or REPO / "cache" / "bench" / "cha_vs_exhaustive")
     work.mkdir(parents=True, exist_ok=True)
-    stop = task.generation_stop_strings(argparse.Namespace(), model.spec)
-    engine = AblationEngine(model, task.MAX_NEW_TOKENS, a.batch_size, stop, decode_only=True)
+    engine = engine_for_task(model, task, model.spec, a.batch_size, decode_only=True)
     records = task.build_prompts(None, model.spec)
     answers = answers_of(engine, task, records, work, model.spec)
     positive = task.is_answer_positive(records, answers)

@@ -217,15 +217,24 @@ class _StepScores:
     argmax: torch.Tensor  # [R] greedy token
 
     @staticmethod
-    def of(logits: torch.Tensor, targets: torch.Tensor | str, rows: torch.Tensor) -> "_StepScores":
+    def of(logits: torch.Tensor, targets: torch.Tensor | str, rows: torch.Tensor,
+           choices: torch.Tensor | None = None) -> "_StepScores":
         """Scores from step-0 logits `[R, 1, V]`; `targets` per prompt of the chunk (indexed by `rows`)
-        or "greedy" (each row's own argmax, used to read the unablated reference)."""
+        or "greedy" (each row's own argmax, used to read the unablated reference). With `choices`
+        (label token ids) the greedy token and the margin's rival are taken among the labels only;
+        the log-probability stays over the whole vocabulary."""
         last = logits[:, -1, :].float()
-        argmax = last.argmax(dim=-1)
+        if choices is not None:
+            restricted = torch.full_like(last, float("-inf"))
+            restricted[:, choices] = last[:, choices]
+            last_for_choice = restricted
+        else:
+            last_for_choice = last
+        argmax = last_for_choice.argmax(dim=-1)
         tgt = argmax if isinstance(targets, str) else targets[rows]
         lp = torch.log_softmax(last, dim=-1).gather(1, tgt[:, None])[:, 0]
         t_logit = last.gather(1, tgt[:, None])[:, 0]
-        other = last.scatter(1, tgt[:, None], float("-inf")).max(dim=-1).values
+        other = last_for_choice.scatter(1, tgt[:, None], float("-inf")).max(dim=-1).values
         return _StepScores(lp.cpu(), (t_logit - other).cpu(), argmax.cpu())
 
 
@@ -251,7 +260,11 @@ class AblationEngine:
     """Greedy answers of prompts under many interventions, packed into full batches."""
 
     def __init__(self, model: LoadedModel, max_new_tokens: int, batch_size: int = 64,
-                 stop_strings: Sequence[str] = (), decode_only: bool = True, layer_skip: bool = True) -> None:
+                 stop_strings: Sequence[str] = (), decode_only: bool = True, layer_skip: bool = True,
+                 choice_token_ids: Sequence[int] | None = None) -> None:
+        """`choice_token_ids`: answer with one of these tokens (a label set read by a one-step
+        greedy choice among them, which equals the log-likelihood choice for one-token labels);
+        None: free greedy decoding."""
         if batch_size < 1:
             raise ValueError("batch_size must be >= 1")
         if max_new_tokens < 1:
@@ -266,6 +279,10 @@ class AblationEngine:
         self.pad_id = tok.pad_token_id if tok.pad_token_id is not None else int(self.eos[0])
         self.n_forward_rows = 0  # rows × calls, for throughput reports
         self.decoder_layers = _decoder_layers(model) if layer_skip and decode_only else None
+        self.choices = (None if choice_token_ids is None
+                        else torch.as_tensor(list(choice_token_ids), dtype=torch.long, device=model.device))
+        if self.choices is not None and (len(self.choices) < 2 or self.max_new_tokens != 1):
+            raise ValueError("choice_token_ids needs >= 2 label tokens and max_new_tokens == 1")
 
     # ---- prompt preparation ------------------------------------------------------------------
     @torch.inference_mode()
@@ -434,7 +451,7 @@ class AblationEngine:
             else:
                 logits = self.model.bridge(ids, **kwargs)
             if step == 0 and targets is not None:
-                first_scores = _StepScores.of(logits, targets, rows)
+                first_scores = _StepScores.of(logits, targets, rows, self.choices)
             nxt, keep = self._advance(logits, generated, n_done, live, step)
             if keep is None:
                 break
@@ -458,7 +475,10 @@ class AblationEngine:
         """Greedy tokens of the live rows, stored; with the positions (in `live`) of the rows that go
         on, or None when the pack is done (every row finished, or the token budget is spent)."""
         self.n_forward_rows += len(live)
-        nxt = logits[:, -1, :].argmax(dim=-1)
+        if self.choices is None:
+            nxt = logits[:, -1, :].argmax(dim=-1)
+        else:
+            nxt = self.choices[logits[:, -1, self.choices].argmax(dim=-1)]
         finished = self._finished_rows(generated, n_done, live, step, nxt)
         if step == self.max_new_tokens - 1 or bool(finished.all()):
             return nxt, None
@@ -525,7 +545,7 @@ class AblationEngine:
                 logits = self.model.bridge(resid, attention_mask=mask, position_ids=pos, past_key_values=high,
                                            **kwargs)
             if step == 0 and targets is not None:
-                first_scores = _StepScores.of(logits, targets, rows)
+                first_scores = _StepScores.of(logits, targets, rows, self.choices)
             nxt, keep = self._advance(logits, generated, n_done, live, step)
             if keep is None:
                 break

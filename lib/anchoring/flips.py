@@ -15,7 +15,6 @@ the replacement values). Mean replacement values are cached under a key of the p
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import re
 from dataclasses import dataclass
@@ -89,18 +88,18 @@ class AblationContext:
     def get_engine(self) -> Any:
         """The batched engine on the analysed model (loaded on first use)."""
         if self.engine is None:
-            from lib.ablation.engine import AblationEngine
+            from lib.ablation.task_engine import engine_for_task
 
-            model = self.load_model()
-            stops = self.task.generation_stop_strings(argparse.Namespace(), self.ai_model)
-            self.engine = AblationEngine(model, self.task.MAX_NEW_TOKENS, self.batch_size, stops, self.decode_only)
+            self.engine = engine_for_task(self.load_model(), self.task, self.ai_model, self.batch_size,
+                                          self.decode_only)
         return self.engine
 
     def answer_settings(self) -> dict:
         """Settings that change an unablated answer (model, dtype, task, decoding, phase)."""
-        stops = self.task.generation_stop_strings(argparse.Namespace(), self.ai_model)
+        from lib.ablation.task_engine import decoding_settings
+
         return {"ai_model": self.ai_model, "dtype": self.dtype, "task_module": self.task_module,
-                "max_new_tokens": int(self.task.MAX_NEW_TOKENS), "stop_strings": list(stops),
+                **decoding_settings(self.task, self.ai_model),
                 "decode_only": bool(self.decode_only), "schema": ABLATION_CACHE_SCHEMA}
 
 

@@ -9,7 +9,6 @@ cross-circuit exclusion of known agonists only with `--exclude_known_agonists`.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import time
@@ -30,6 +29,7 @@ from lib.ablation.cha import clopper_pearson_upper, group_testing_bound, is_agon
 from lib.attribution.manifest import Circuit, manifest_entry_summary, read_dataset_info, read_manifest
 from lib.ablation.buckets import NeuronBuckets, is_catastrophic, unit_key
 from lib.ablation.engine_tester import EngineSequentialTester
+from lib.ablation.task_engine import engine_for_task
 from lib.ablation.knockout import knockout_validation
 from lib.ablation.sequential_cha import SequentialSettings, run_sequential_cha
 from lib.ablation.interventions import estimate_replacements
@@ -243,8 +243,7 @@ class Stage6:
             self.echo(f"loading {self.ai_model} ...")
             self.models[self.ai_model] = load_analysed_model(self.ai_model, a.device, a.dtype, a.ai_model_cache_dir)
         model = self.models[self.ai_model]
-        stops = self.task.generation_stop_strings(argparse.Namespace(), self.ai_model)
-        self.engine = AblationEngine(model, self.task.MAX_NEW_TOKENS, a.batch_size, stops, a.decode_only)
+        self.engine = engine_for_task(model, self.task, self.ai_model, a.batch_size, a.decode_only)
         layers: dict[int, set[int]] = {}
         for c in circuits:
             for L, ids in c.units.items():

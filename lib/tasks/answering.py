@@ -30,9 +30,13 @@ class AnswerCheckpoint:
 
     def load(self) -> dict[int, str]:
         """Answers already finished under the same identity (a torn last line is ignored)."""
+        return {i: a for i, (a, _) in self.load_scored().items()}
+
+    def load_scored(self) -> dict[int, tuple[str, list[float] | None]]:
+        """Finished answers with the label scores stored beside them (None for free generation)."""
         if not self.path.exists():
             return {}
-        done: dict[int, str] = {}
+        done: dict[int, tuple[str, list[float] | None]] = {}
         with open(self.path, encoding="utf-8") as fh:
             lines = fh.read().split("\n")
         try:
@@ -47,19 +51,24 @@ class AnswerCheckpoint:
         for line in lines[1:]:
             try:
                 rec = json.loads(line)
-                done[int(rec["i"])] = str(rec["a"])
+                s = rec.get("s")
+                done[int(rec["i"])] = (str(rec["a"]), [float(x) for x in s] if s is not None else None)
             except (json.JSONDecodeError, KeyError, TypeError, ValueError):
                 continue  # the write of this line was interrupted
         return done
 
-    def append(self, indices: Sequence[int], answers: Sequence[str]) -> None:
+    def append(self, indices: Sequence[int], answers: Sequence[str],
+               scores: Sequence[Sequence[float]] | None = None) -> None:
         new = not self.path.exists()
         self.path.parent.mkdir(parents=True, exist_ok=True)
         with open(self.path, "a", encoding="utf-8") as fh:
             if new:
                 fh.write(json.dumps({"identity": self.identity}) + "\n")
-            for i, a in zip(indices, answers):
-                fh.write(json.dumps({"i": int(i), "a": a}, ensure_ascii=False) + "\n")
+            for k, (i, a) in enumerate(zip(indices, answers)):
+                rec: dict[str, Any] = {"i": int(i), "a": a}
+                if scores is not None:
+                    rec["s"] = [float(x) for x in scores[k]]
+                fh.write(json.dumps(rec, ensure_ascii=False) + "\n")
             fh.flush()
             os.fsync(fh.fileno())
 
@@ -71,6 +80,7 @@ class AnswerCheckpoint:
 def cache_identity(task: Any, ai_model: str, args: argparse.Namespace, prompts: Sequence[str],
                    max_new_tokens: int, stop_strings: Sequence[str]) -> dict:
     """Everything that determines the answers; two runs with equal identities give equal caches."""
+    choices = task.answer_choices() if hasattr(task, "answer_choices") else None
     return {
         "task": task.name,
         "ai_model": ai_model,
@@ -79,7 +89,7 @@ def cache_identity(task: Any, ai_model: str, args: argparse.Namespace, prompts: 
         "max_new_tokens": max_new_tokens,
         "stop_strings": list(stop_strings),
         "dtype": getattr(args, "dtype", "auto"),
-        "decoding": "greedy",
+        "decoding": choices.identity() if choices is not None else "greedy",
     }
 
 
@@ -100,7 +110,8 @@ def generate_task_cache(task: Any, ai_model_name: str, ai_model_cache_dir: str |
 
     ckpt_path = getattr(args, "checkpoint_path", None)
     ckpt = AnswerCheckpoint(ckpt_path, content_key(identity)) if ckpt_path else None
-    done = ckpt.load() if ckpt else {}
+    choices = task.answer_choices()
+    done = ckpt.load_scored() if ckpt else {}
     todo = [i for i in range(len(prompts)) if i not in done]
     if done:
         log.info("resuming: %d of %d prompts already answered", len(done), len(prompts))
@@ -109,15 +120,43 @@ def generate_task_cache(task: Any, ai_model_name: str, ai_model_cache_dir: str |
         model = load_analysed_model(ai_model_name, getattr(args, "device", "auto"),
                                     getattr(args, "dtype", "auto"), ai_model_cache_dir)
 
-        def on_batch(local_idx: list[int], texts: list[str]) -> None:
-            glob = [todo[j] for j in local_idx]
-            done.update(zip(glob, texts))
-            if ckpt:
-                ckpt.append(glob, texts)
+        progress = False if getattr(args, "no_progress", False) else "stage 1: answering"
+        if choices is None:
+            def on_batch(local_idx: list[int], texts: list[str]) -> None:
+                glob = [todo[j] for j in local_idx]
+                done.update((g, (t, None)) for g, t in zip(glob, texts))
+                if ckpt:
+                    ckpt.append(glob, texts)
 
-        greedy_generate(model, [prompts[i] for i in todo], max_new, batch_size=int(args.batch_size),
-                        stop_strings=stops, on_batch=on_batch,
-                        progress=False if getattr(args, "no_progress", False) else "stage 1: answering")
+            greedy_generate(model, [prompts[i] for i in todo], max_new, batch_size=int(args.batch_size),
+                            stop_strings=stops, on_batch=on_batch, progress=progress)
+        else:
+            _score_choices(model, prompts, todo, choices, int(args.batch_size), done, ckpt, progress)
         del model
-    answers = [done[i] for i in range(len(prompts))]
-    return task.assemble_cache(records, answers, args)
+    answers = [done[i][0] for i in range(len(prompts))]
+    if choices is None:
+        return task.assemble_cache(records, answers, args)
+    return task.assemble_cache(records, answers, args, label_loglik=[done[i][1] for i in range(len(prompts))])
+
+
+def _score_choices(model: Any, prompts: Sequence[str], todo: Sequence[int], choices: Any, batch_size: int,
+                   done: dict, ckpt: AnswerCheckpoint | None, progress: bool | str) -> None:
+    """Label answers by log-likelihood (lib.models.label_scoring), checkpointed per block of prompts."""
+    from tqdm.auto import tqdm
+
+    from lib.models.label_scoring import score_continuations
+
+    block = max(1, batch_size) * 8
+    bar = tqdm(total=len(todo), desc=progress if isinstance(progress, str) else "scoring labels",
+               unit="prompt", disable=not progress, dynamic_ncols=True)
+    for start in range(0, len(todo), block):
+        glob = list(todo[start:start + block])
+        sc = score_continuations(model, [prompts[i] for i in glob], choices.continuations,
+                                 choices.normalisation, batch_size=batch_size)  # type: ignore[arg-type]
+        texts = sc.predicted()
+        rows = [list(map(float, r)) for r in sc.score]
+        done.update((g, (t, r)) for g, t, r in zip(glob, texts, rows))
+        if ckpt:
+            ckpt.append(glob, texts, rows)
+        bar.update(len(glob))
+    bar.close()

@@ -2,7 +2,9 @@
 
 A task module `lib.tasks.<name>_task` exports `TASK_SPEC`, an instance of a `TaskSpec`
 subclass. Stage 1 calls `build_prompts` → generation → `assemble_cache`; later stages call
-`load_dataset_from_cache`, `parse_prompt_row` and `is_answer_positive`.
+`load_dataset_from_cache`, `parse_prompt_row` and `is_answer_positive`. A task whose answer is
+one of a few labels may declare `answer_choices`: the labels are then read by log-likelihood
+(stage 1) and by a greedy step restricted to the labels' tokens (the ablation engine).
 """
 
 from __future__ import annotations
@@ -11,17 +13,41 @@ import abc
 import argparse
 import importlib
 from collections import namedtuple
+from dataclasses import dataclass
 from typing import Any, Iterable, Sequence
 
 import pandas as pd
 
 from lib.features.feature import Feature
 
-__all__ = ["TaskSpec", "TaskError", "load_task", "generic_dataset_stats", "row_as_namedtuple"]
+__all__ = ["AnswerChoices", "TaskSpec", "TaskError", "load_task", "generic_dataset_stats", "row_as_namedtuple"]
 
 
 class TaskError(RuntimeError):
     """A user-facing task problem (unknown module, malformed dataset)."""
+
+
+@dataclass(frozen=True)
+class AnswerChoices:
+    """Labels a task reads by log-likelihood instead of parsing free generation.
+
+    `continuations[i]` is the text appended to the prompt that states `labels[i]` (e.g. " E");
+    `normalisation` is how summed log-probs are compared (lib.models.label_scoring)."""
+
+    labels: tuple[str, ...]
+    continuations: tuple[str, ...]
+    normalisation: str = "tokens"
+
+    def __post_init__(self) -> None:
+        if len(self.labels) != len(self.continuations) or len(self.labels) < 2:
+            raise ValueError("AnswerChoices needs >= 2 labels, one continuation each")
+
+    def label_of(self, continuation: str) -> str:
+        return self.labels[self.continuations.index(continuation)]
+
+    def identity(self) -> str:
+        """How answers are decoded, for cache keys."""
+        return f"loglik:{self.normalisation}:" + "|".join(self.continuations)
 
 
 class TaskSpec(abc.ABC):
@@ -48,9 +74,17 @@ class TaskSpec(abc.ABC):
         """Strings that end an answer early (none by default: stop at EOS or the token budget)."""
         return ()
 
+    def answer_choices(self) -> AnswerChoices | None:
+        """Labels to score by log-likelihood; None (the default): answers are generated freely."""
+        return None
+
     @abc.abstractmethod
-    def assemble_cache(self, records: list[dict], answers: list[str], args: argparse.Namespace) -> Any:
-        """Score answers and build the picklable stage-1 cache object in the task's format."""
+    def assemble_cache(self, records: list[dict], answers: list[str], args: argparse.Namespace,
+                       label_loglik: Sequence[Sequence[float]] | None = None) -> Any:
+        """Score answers and build the picklable stage-1 cache object in the task's format.
+
+        With `answer_choices`, `answers[i]` is the winning continuation and `label_loglik[i]` the
+        normalised score of every choice (choice order)."""
 
     def generate_cache(self, ai_model_name: str, ai_model_cache_dir: str | None, args: argparse.Namespace) -> Any:
         """Original entry point: build prompts, answer them with the analysed model, score them."""

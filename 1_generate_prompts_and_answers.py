@@ -47,8 +47,10 @@ def main(argv: list[str] | None = None) -> int:
 
     task, cfg = parse_args(argv)
     outputs = [Path(cfg.prompts_answers_pkl_file).parent, *([cfg.stats_json_out] if cfg.stats_json_out else [])]
-    with recorded_stage("stage1", cfg, lambda: outputs):
-        run_stage1(task, cfg)
+    with recorded_stage("stage1", cfg, lambda: outputs) as extra:
+        stats = run_stage1(task, cfg)
+        extra.update({k: stats[k] for k in ("data_source", "request_source", "judge_model", "answer_scoring")
+                      if k in stats})
     return 0
 
 

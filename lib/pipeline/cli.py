@@ -7,7 +7,7 @@ import logging
 import os
 import sys
 from pathlib import Path
-from typing import Callable, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 from lib.core.errors import UsageError
 from lib.core.files_and_cache import ArtifactError
@@ -39,12 +39,15 @@ def run_main(main: Callable[[list[str] | None], int | None], argv: list[str] | N
 
 
 @contextlib.contextmanager
-def recorded_stage(stage: str, cfg: StageConfig, folders: Callable[[], Iterable[str | Path]]) -> Iterator[None]:
+def recorded_stage(stage: str, cfg: StageConfig, folders: Callable[[], Iterable[str | Path]]
+                   ) -> Iterator[dict[str, Any]]:
     """Run a stage's work; when it succeeds, record it in `run_manifest.json` of each output folder.
 
     `folders` is called after the work, so it may name folders the stage created. A failing stage
-    records nothing (it must leave no new file behind).
+    records nothing (it must leave no new file behind). The yielded dict is added to the entry
+    (facts the stage learns while running, e.g. which dataset it read).
     """
     started = now_iso()
-    yield
-    record_stage(folders(), stage, config=config_as_dict(cfg), started=started)
+    extra: dict[str, Any] = {}
+    yield extra
+    record_stage(folders(), stage, config=config_as_dict(cfg), started=started, extra=extra)

@@ -34,7 +34,7 @@ import pandas as pd
 
 from lib.core.files_and_cache import load_pickle
 from lib.features.feature import Feature
-from lib.tasks.base import TaskError, TaskSpec, generic_dataset_stats
+from lib.tasks.base import AnswerChoices, TaskError, TaskSpec, generic_dataset_stats
 
 __all__ = [
     "HANS_BASE_URL",
@@ -83,6 +83,11 @@ DEFAULT_TASK_SEED = 42
 DEFAULT_SPLIT = "validation"
 DEFAULT_NUM_EXAMPLES = 1024
 DEFAULT_MAX_NEW_TOKENS = 3
+# How the label is read: `loglik` (the higher log-likelihood of " E" / " N" after the prompt, as
+# evaluation harnesses score multiple choice) or `generate` (free greedy text, parsed; the original).
+SCORING_MODES = ("loglik", "generate")
+DEFAULT_SCORING = "loglik"
+LABEL_CHOICES = AnswerChoices(labels=("E", "N"), continuations=(" E", " N"), normalisation="tokens")
 DEFAULT_CACHE_DIR = "./cache/hans"
 DOWNLOAD_TIMEOUT_S = 30.0
 _FALSE_WORDS = frozenset({"0", "false", "no", "off", "n", "f"})
@@ -295,6 +300,7 @@ class HansConfig:
     num_examples: int = DEFAULT_NUM_EXAMPLES
     balance_labels: bool = True
     max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS
+    scoring: str = DEFAULT_SCORING
     cache_dir: str = DEFAULT_CACHE_DIR
     local_file: str = ""
 
@@ -304,12 +310,16 @@ class HansConfig:
         max_new = _env_int(env, "HANS_MAX_NEW_TOKENS", DEFAULT_MAX_NEW_TOKENS)
         if max_new < 1:
             raise TaskError(f"HANS_MAX_NEW_TOKENS must be >= 1, got {max_new}")
+        scoring = str(env.get("HANS_SCORING", "") or DEFAULT_SCORING).strip().lower()
+        if scoring not in SCORING_MODES:
+            raise TaskError(f"HANS_SCORING={scoring!r}: use one of {', '.join(SCORING_MODES)}")
         return cls(
             seed=_env_int(env, "HANS_TASK_SEED", DEFAULT_TASK_SEED),
             split=normalize_split(env.get("HANS_SPLIT", "") or DEFAULT_SPLIT),
             num_examples=_env_int(env, "HANS_NUM_EXAMPLES", DEFAULT_NUM_EXAMPLES),
             balance_labels=_env_bool(env, "HANS_BALANCE_LABELS", True),
             max_new_tokens=max_new,
+            scoring=scoring,
             cache_dir=str(env.get("HANS_CACHE_DIR", "") or DEFAULT_CACHE_DIR),
             local_file=str(env.get("HANS_LOCAL_FILE", "") or "").strip(),
         )
@@ -616,7 +626,13 @@ class HansNliTask(TaskSpec):
 
     @property
     def MAX_NEW_TOKENS(self) -> int:  # type: ignore[override]  # read at use: HANS_MAX_NEW_TOKENS
-        return HansConfig.from_env().max_new_tokens
+        """One token (the label) under log-likelihood scoring, else HANS_MAX_NEW_TOKENS."""
+        cfg = HansConfig.from_env()
+        return 1 if cfg.scoring == "loglik" else cfg.max_new_tokens
+
+    def answer_choices(self) -> AnswerChoices | None:
+        """" E" / " N" scored by log-likelihood (HANS_SCORING=loglik, the default), else None."""
+        return LABEL_CHOICES if HansConfig.from_env().scoring == "loglik" else None
 
     def config(self) -> HansConfig:
         return HansConfig.from_env()
@@ -643,15 +659,28 @@ class HansNliTask(TaskSpec):
         n = int(getattr(args, "max_prompts", 0) or 0) or cfg.num_examples
         return sample_rows(rows, n, cfg.balance_labels, cfg.seed)
 
-    def assemble_cache(self, records: Sequence[dict], answers: Sequence[str], args: Any = None) -> list[dict]:
-        """Row fields + `raw_output`, `predicted_label`, `is_correct`, in record order."""
+    def assemble_cache(self, records: Sequence[dict], answers: Sequence[str], args: Any = None,
+                       label_loglik: Sequence[Sequence[float]] | None = None) -> list[dict]:
+        """Row fields + `raw_output`, `predicted_label`, `is_correct`, in record order.
+
+        Under log-likelihood scoring also `answer_scoring` ("loglik"), `loglik_E`, `loglik_N` (per-token
+        normalised) and `label_margin`: the expected label's score minus the other's (> 0 ⇔ correct)."""
         if len(records) != len(answers):
             raise ValueError(f"assemble_cache: {len(records)} records but {len(answers)} answers")
+        if label_loglik is not None and len(label_loglik) != len(records):
+            raise ValueError(f"assemble_cache: {len(records)} records but {len(label_loglik)} label scores")
         out: list[dict] = []
-        for rec, answer in zip(records, answers):
+        for k, (rec, answer) in enumerate(zip(records, answers)):
             predicted = parse_predicted_label(answer)
-            out.append({**rec, "raw_output": answer, "predicted_label": predicted,
-                        "is_correct": predicted is not None and predicted == rec["expected_label"]})
+            row = {**rec, "raw_output": answer, "predicted_label": predicted,
+                   "is_correct": predicted is not None and predicted == rec["expected_label"],
+                   "answer_scoring": "generate" if label_loglik is None else "loglik"}
+            if label_loglik is not None:
+                scores = dict(zip(LABEL_CHOICES.labels, map(float, label_loglik[k])))
+                other = "N" if rec["expected_label"] == "E" else "E"
+                row.update(loglik_E=scores["E"], loglik_N=scores["N"],
+                           label_margin=scores[rec["expected_label"]] - scores[other])
+            out.append(row)
         return out
 
     # ---- later stages ----------------------------------------------------------------------

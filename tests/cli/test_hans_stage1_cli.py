@@ -71,16 +71,37 @@ def test_stage1_end_to_end(stage1_run):
     assert sum(v["n"] for v in stats["accuracy_by_heuristic"].values()) == 32
     assert "accuracy_by_subcase" in stats
     meta = json.loads(pkl.with_name("llm_io_data.meta.json").read_text())
-    assert meta["task"] == "hans_nli" and meta["max_new_tokens"] == 3 and meta["stop_strings"] == []
+    assert meta["task"] == "hans_nli" and meta["decoding"] == "loglik:tokens: E| N"
+    # Log-likelihood scoring gives every row a label, so the target is not constant.
+    assert {r["predicted_label"] for r in data} <= {"E", "N"}
+    assert 0 < sum(r["is_correct"] for r in data) < 32
+    assert all(r["answer_scoring"] == "loglik" for r in data)
+    assert all((r["label_margin"] > 0) == r["is_correct"] for r in data)
 
 
-def test_stage1_answers_match_direct_generation(stage1_run, smollm2):
-    from lib.models.generation import greedy_generate
+def test_stage1_labels_match_direct_scoring(stage1_run, smollm2):
+    from lib.models.label_scoring import score_continuations
 
     _, pkl = stage1_run
     data = pickle.loads(pkl.read_bytes())[:8]
+    sc = score_continuations(smollm2, [r["prompt"] for r in data], [" E", " N"])
+    assert sc.predicted() == [r["raw_output"] for r in data]
+    for r, (e, n) in zip(data, sc.score):
+        assert r["loglik_E"] == pytest.approx(e, abs=2e-3) and r["loglik_N"] == pytest.approx(n, abs=2e-3)
+
+
+def test_stage1_free_generation_flag(tmp_path, smollm2):
+    from lib.models.generation import greedy_generate
+
+    pkl = tmp_path / "llm_io_data.pkl"
+    res = run(STAGE1, "--task_module", TASK, "--ai_model", SMOLLM2, "--prompts_answers_pkl_file", str(pkl),
+              "--batch_size", "16", "--device", "cpu", "--no_progress", "--max_prompts", "8",
+              env=hans_env(HANS_SCORING="generate"))
+    assert res.returncode == 0, res.stderr
+    data = pickle.loads(pkl.read_bytes())
     again = greedy_generate(smollm2, [r["prompt"] for r in data], 3, batch_size=8)
     assert again == [r["raw_output"] for r in data]
+    assert all(r["answer_scoring"] == "generate" for r in data)
 
 
 def test_stage1_missing_local_file_is_one_error_line(tmp_path):

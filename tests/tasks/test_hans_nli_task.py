@@ -281,9 +281,15 @@ def test_build_prompts_from_env_and_max_prompts_override(monkeypatch):
 
 
 def test_max_new_tokens_and_stop_strings(monkeypatch):
-    assert hn.TASK_SPEC.MAX_NEW_TOKENS == 3 == hn.MAX_NEW_TOKENS
+    # Log-likelihood scoring (the default) answers with one label token.
+    assert hn.TASK_SPEC.MAX_NEW_TOKENS == 1 and hn.TASK_SPEC.answer_choices() == hn.LABEL_CHOICES
+    monkeypatch.setenv("HANS_SCORING", "generate")
+    assert hn.TASK_SPEC.MAX_NEW_TOKENS == 3 == hn.MAX_NEW_TOKENS and hn.TASK_SPEC.answer_choices() is None
     monkeypatch.setenv("HANS_MAX_NEW_TOKENS", "5")
     assert hn.TASK_SPEC.MAX_NEW_TOKENS == 5
+    monkeypatch.setenv("HANS_SCORING", "guess")
+    with pytest.raises(TaskError, match="HANS_SCORING"):
+        hn.TASK_SPEC.answer_choices()
     assert hn.TASK_SPEC.generation_stop_strings(argparse.Namespace(), None) == ()
 
 

@@ -8,8 +8,10 @@ Configuration is by environment only (spec 4.1): `HANS_TASK_SEED` (42), `HANS_SP
 (`validation`; aliases valid/dev/eval/evaluation, train/training), `HANS_NUM_EXAMPLES` (1024;
 ≤ 0 = all; stage 1's `--max_prompts N > 0` overrides it), `HANS_BALANCE_LABELS` (on; off for
 0/false/no/off), `HANS_MAX_NEW_TOKENS` (3; stage 1's `--max_new_tokens > 0` overrides it),
-`HANS_CACHE_DIR` (`./cache/hans`) and `HANS_LOCAL_FILE` (empty). Sampling follows
-`HANS_TASK_SEED`, not stage 1's `--seed`. Differences from the original are listed in
+`HANS_CACHE_DIR` (`./cache/hans`), `HANS_LOCAL_FILE` (empty), `HANS_SCORING` (`loglik`) and
+`HANS_SOURCE` (`auto`: HANS_LOCAL_FILE, else the split's file in HANS_CACHE_DIR, else our offline
+generator of HANS-style pairs, `lib.tasks.hans_templates`; `file`, `download`, `generated` force one).
+Sampling follows `HANS_TASK_SEED`, not stage 1's `--seed`. Differences from the original are listed in
 docs/DEVIATIONS.md (section "HANS NLI task").
 """
 
@@ -61,6 +63,9 @@ __all__ = [
     "read_hans_file",
     "download_file",
     "resolve_data_file",
+    "SOURCE_MODES",
+    "HansSource",
+    "load_source_rows",
     "sample_rows",
     "parse_predicted_label",
     "info_from_row",
@@ -89,6 +94,13 @@ SCORING_MODES = ("loglik", "generate")
 DEFAULT_SCORING = "loglik"
 LABEL_CHOICES = AnswerChoices(labels=("E", "N"), continuations=(" E", " N"), normalisation="tokens")
 DEFAULT_CACHE_DIR = "./cache/hans"
+# Where the pairs come from: `auto` = a given or cached HANS file, else the offline generator (never
+# the network); `file` = a given or cached file only; `download` = the original (fetch if absent);
+# `generated` = the generator only.
+SOURCE_MODES = ("auto", "file", "download", "generated")
+DEFAULT_SOURCE = "auto"
+# The generated "file" of each split: a fixed HANS-sized set (seed per split), sampled like a real file.
+GENERATED_SPLIT_SEEDS: dict[str, int] = {"validation": 0, "train": 1}
 DOWNLOAD_TIMEOUT_S = 30.0
 _FALSE_WORDS = frozenset({"0", "false", "no", "off", "n", "f"})
 _TRUE_WORDS = frozenset({"1", "true", "yes", "on", "y", "t"})
@@ -303,6 +315,7 @@ class HansConfig:
     scoring: str = DEFAULT_SCORING
     cache_dir: str = DEFAULT_CACHE_DIR
     local_file: str = ""
+    source: str = DEFAULT_SOURCE
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> "HansConfig":
@@ -313,6 +326,9 @@ class HansConfig:
         scoring = str(env.get("HANS_SCORING", "") or DEFAULT_SCORING).strip().lower()
         if scoring not in SCORING_MODES:
             raise TaskError(f"HANS_SCORING={scoring!r}: use one of {', '.join(SCORING_MODES)}")
+        source = str(env.get("HANS_SOURCE", "") or DEFAULT_SOURCE).strip().lower()
+        if source not in SOURCE_MODES:
+            raise TaskError(f"HANS_SOURCE={source!r}: use one of {', '.join(SOURCE_MODES)}")
         return cls(
             seed=_env_int(env, "HANS_TASK_SEED", DEFAULT_TASK_SEED),
             split=normalize_split(env.get("HANS_SPLIT", "") or DEFAULT_SPLIT),
@@ -322,6 +338,7 @@ class HansConfig:
             scoring=scoring,
             cache_dir=str(env.get("HANS_CACHE_DIR", "") or DEFAULT_CACHE_DIR),
             local_file=str(env.get("HANS_LOCAL_FILE", "") or "").strip(),
+            source=source,
         )
 
 
@@ -365,19 +382,71 @@ def download_file(url: str, dest: str | Path, timeout: float = DOWNLOAD_TIMEOUT_
     return dest
 
 
-def resolve_data_file(cfg: HansConfig, progress: bool = True) -> Path:
-    """HANS_LOCAL_FILE if set (must exist), else the split's file in HANS_CACHE_DIR, downloaded if absent/empty."""
+def _given_or_cached_file(cfg: HansConfig) -> Path | None:
+    """HANS_LOCAL_FILE if set (TaskError if it is missing), else the split's non-empty cached file, else None."""
     if cfg.local_file:
         p = Path(cfg.local_file).expanduser()
         if not p.is_file():
             raise TaskError(f"HANS_LOCAL_FILE '{cfg.local_file}' does not exist or is not a file")
         return p
+    dest = Path(cfg.cache_dir).expanduser() / SPLIT_FILES[cfg.split]
+    return dest if dest.is_file() and dest.stat().st_size > 0 else None
+
+
+def resolve_data_file(cfg: HansConfig, progress: bool = True) -> Path:
+    """HANS_LOCAL_FILE if set (must exist), else the split's file in HANS_CACHE_DIR, downloaded if absent/empty."""
+    found = _given_or_cached_file(cfg)
+    if found is not None:
+        return found
     name = SPLIT_FILES[cfg.split]
     dest = Path(cfg.cache_dir).expanduser() / name
-    if dest.is_file() and dest.stat().st_size > 0:
-        return dest
     print(f"[hans] downloading {name} into {dest.parent}", file=sys.stderr, flush=True)
     return download_file(HANS_BASE_URL + name, dest, progress=progress)
+
+
+@dataclass(frozen=True)
+class HansSource:
+    """Which data a run used: `file:<name> sha256:<first 16 hex>` or the generator's `generated:<version>`."""
+
+    kind: str  # file | generated
+    description: str
+
+
+def _file_source(path: Path) -> HansSource:
+    import hashlib
+
+    digest = hashlib.sha256(path.read_bytes()).hexdigest()[:16]
+    return HansSource("file", f"file:{path.name} sha256:{digest}")
+
+
+def load_source_rows(cfg: HansConfig, progress: bool = True) -> tuple[list[dict], HansSource]:
+    """Every labelled row of the source HANS_SOURCE selects, each tagged with `data_source`.
+
+    `auto` never touches the network: a given or cached file wins, else the offline generator writes
+    a HANS-sized set (30 000 pairs, 1 000 per subcase; a fixed seed per split), sampled like a file.
+    """
+    path: Path | None = None
+    if cfg.source == "download":
+        path = resolve_data_file(cfg, progress=progress)
+    elif cfg.source in ("auto", "file"):
+        path = _given_or_cached_file(cfg)
+        if path is None and cfg.source == "file":
+            raise TaskError(
+                f"HANS_SOURCE=file but no HANS file: set HANS_LOCAL_FILE or place {SPLIT_FILES[cfg.split]} in "
+                f"HANS_CACHE_DIR ({cfg.cache_dir}); HANS_SOURCE=generated or auto uses the offline generator"
+            )
+    if path is not None:
+        rows, source = read_hans_file(path, cfg.split), _file_source(path)
+    else:
+        from lib.tasks.hans_templates import DATA_SOURCE, FULL_SIZE, generate_hans_rows
+
+        print(f"[hans] no HANS file given or cached: using the offline generator ({DATA_SOURCE})",
+              file=sys.stderr, flush=True)
+        rows = generate_hans_rows(FULL_SIZE, GENERATED_SPLIT_SEEDS[cfg.split], split=cfg.split)
+        source = HansSource("generated", DATA_SOURCE)
+    for row in rows:
+        row["data_source"] = source.description
+    return rows, source
 
 
 _FIELD_NAMES: dict[str, tuple[str, ...]] = {
@@ -647,9 +716,8 @@ class HansNliTask(TaskSpec):
         return ()
 
     def load_rows(self, cfg: HansConfig | None = None, progress: bool = True) -> list[dict]:
-        """Every labelled row of the configured file (downloaded if needed)."""
-        cfg = cfg or self.config()
-        return read_hans_file(resolve_data_file(cfg, progress=progress), cfg.split)
+        """Every labelled row of the source HANS_SOURCE selects (a HANS file or the offline generator)."""
+        return load_source_rows(cfg or self.config(), progress=progress)[0]
 
     def build_prompts(self, args: argparse.Namespace | None = None, model_alias: str | None = None) -> list[dict]:
         """Sampled HANS rows (spec 4.1); `args.max_prompts > 0` replaces HANS_NUM_EXAMPLES."""
@@ -720,6 +788,12 @@ class HansNliTask(TaskSpec):
         stats = generic_dataset_stats(df, self.DEFAULT_TARGETS)
         correct = df["is_correct"].astype(bool) if "is_correct" in df.columns else pd.Series(dtype=bool)
         stats["n_examples"] = int(len(df))
+        if "data_source" in df.columns and df["data_source"].notna().any():
+            sources = sorted(str(x) for x in df["data_source"].dropna().unique())
+            stats["data_source"] = sources[0] if len(sources) == 1 else sources
+        if "answer_scoring" in df.columns and df["answer_scoring"].notna().any():
+            modes = sorted(str(x) for x in df["answer_scoring"].dropna().unique())
+            stats["answer_scoring"] = modes[0] if len(modes) == 1 else modes
         stats["accuracy"] = float(correct.mean()) if len(correct) else None
         if "expected_label" in df.columns:
             stats["label_counts"] = {str(k): int(v) for k, v in df["expected_label"].value_counts().sort_index().items()}

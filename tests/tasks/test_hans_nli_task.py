@@ -24,7 +24,7 @@ from lib.tasks import hans_nli_task as hn
 
 SAMPLE = REPO / "tests" / "data" / "hans_sample.tsv"
 HANS_ENV = ("HANS_TASK_SEED", "HANS_SPLIT", "HANS_NUM_EXAMPLES", "HANS_BALANCE_LABELS",
-            "HANS_MAX_NEW_TOKENS", "HANS_CACHE_DIR", "HANS_LOCAL_FILE")
+            "HANS_MAX_NEW_TOKENS", "HANS_CACHE_DIR", "HANS_LOCAL_FILE", "HANS_SCORING", "HANS_SOURCE")
 HEADER = ("gold_label\tsentence1_binary_parse\tsentence2_binary_parse\tsentence1_parse\tsentence2_parse\t"
           "sentence1\tsentence2\tpairID\theuristic\tsubcase\ttemplate")
 
@@ -321,6 +321,7 @@ def test_offline_download_failure_is_one_clear_error(monkeypatch, tmp_path, spli
     cache = tmp_path / "hans"
     monkeypatch.setenv("HANS_CACHE_DIR", str(cache))
     monkeypatch.setenv("HANS_SPLIT", split)
+    monkeypatch.setenv("HANS_SOURCE", "download")  # the default (auto) never downloads
     monkeypatch.setattr(hn, "HANS_BASE_URL", "http://127.0.0.1:9/")  # discard port: connection refused
     with pytest.raises(TaskError) as info:
         hn.TASK_SPEC.build_prompts(argparse.Namespace(no_progress=True))
@@ -336,6 +337,57 @@ def test_empty_cached_file_is_downloaded_again(monkeypatch, tmp_path):
     monkeypatch.setattr(hn, "HANS_BASE_URL", "http://127.0.0.1:9/")
     with pytest.raises(TaskError, match="could not download"):
         hn.resolve_data_file(hn.HansConfig.from_env(), progress=False)
+
+
+# ---- HANS_SOURCE ------------------------------------------------------------------------------
+def test_auto_source_without_a_file_uses_the_generator_and_never_the_network(monkeypatch, tmp_path):
+    from lib.tasks.hans_templates import DATA_SOURCE
+
+    monkeypatch.setenv("HANS_CACHE_DIR", str(tmp_path / "empty"))
+    monkeypatch.setattr(hn, "HANS_BASE_URL", "http://127.0.0.1:9/")  # a download would fail loudly
+    recs = hn.TASK_SPEC.build_prompts(argparse.Namespace(max_prompts=60, no_progress=True))
+    assert len(recs) == 60 and Counter(r["expected_label"] for r in recs) == {"E": 30, "N": 30}
+    assert {r["data_source"] for r in recs} == {DATA_SOURCE}
+    assert {r["heuristic"] for r in recs} == {"lexical_overlap", "subsequence", "constituent"}
+    assert not (tmp_path / "empty").exists()
+    stats = hn.TASK_SPEC.get_basic_statistics(pd.DataFrame([{**r, "is_correct": True} for r in recs]))
+    assert stats["data_source"] == DATA_SOURCE
+
+
+def test_a_given_or_cached_file_wins_over_the_generator(monkeypatch, tmp_path):
+    monkeypatch.setenv("HANS_LOCAL_FILE", str(SAMPLE))
+    rows, source = hn.load_source_rows(hn.HansConfig.from_env(), progress=False)
+    assert source.kind == "file" and source.description.startswith("file:hans_sample.tsv sha256:")
+    assert len(rows) == 49 and {r["data_source"] for r in rows} == {source.description}
+    monkeypatch.delenv("HANS_LOCAL_FILE")
+    (tmp_path / "heuristics_evaluation_set.txt").write_bytes(SAMPLE.read_bytes())
+    monkeypatch.setenv("HANS_CACHE_DIR", str(tmp_path))
+    cached = hn.load_source_rows(hn.HansConfig.from_env(), progress=False)[1]
+    assert cached.description == source.description.replace("hans_sample.tsv", "heuristics_evaluation_set.txt")
+    monkeypatch.setenv("HANS_SOURCE", "generated")  # forcing the generator ignores the cached file
+    assert hn.load_source_rows(hn.HansConfig.from_env(), progress=False)[1].kind == "generated"
+
+
+def test_source_file_without_a_file_and_a_bad_source_are_clear_errors(monkeypatch, tmp_path):
+    monkeypatch.setenv("HANS_CACHE_DIR", str(tmp_path))
+    monkeypatch.setenv("HANS_SOURCE", "file")
+    with pytest.raises(TaskError, match="HANS_SOURCE=file but no HANS file: set HANS_LOCAL_FILE"):
+        hn.TASK_SPEC.build_prompts(None)
+    monkeypatch.setenv("HANS_SOURCE", "internet")
+    with pytest.raises(TaskError, match="HANS_SOURCE='internet'"):
+        hn.HansConfig.from_env()
+
+
+def test_generated_splits_are_fixed_sets_sampled_by_the_task_seed(monkeypatch, tmp_path):
+    monkeypatch.setenv("HANS_CACHE_DIR", str(tmp_path))
+    monkeypatch.setenv("HANS_NUM_EXAMPLES", "30")
+    first = hn.TASK_SPEC.build_prompts(argparse.Namespace(no_progress=True))
+    assert [r["prompt"] for r in hn.TASK_SPEC.build_prompts(argparse.Namespace(seed=7))] == [r["prompt"] for r in first]
+    monkeypatch.setenv("HANS_TASK_SEED", "3")
+    assert [r["prompt"] for r in hn.TASK_SPEC.build_prompts(None)] != [r["prompt"] for r in first]
+    monkeypatch.setenv("HANS_SPLIT", "train")
+    train = hn.TASK_SPEC.build_prompts(None)
+    assert all(r["split"] == "train" and r["example_id"].startswith("train_gen_") for r in train)
 
 
 def test_download_from_a_local_file_url_is_atomic(tmp_path):

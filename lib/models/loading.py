@@ -33,6 +33,7 @@ __all__ = [
     "resolve_dtype",
     "model_cache_root",
     "load_analysed_model",
+    "load_tokenizer",
     "add_model_arguments",
 ]
 
@@ -196,6 +197,29 @@ def _load_hf(source: ModelSource, dtype: torch.dtype, cache_dir: str | None) -> 
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ModelLoadError(f"{_offline_hint(source)}. Library said: {first}") from None
     return tok, model
+
+
+def load_tokenizer(ai_model: str, ai_model_cache_dir: str | None = None) -> Any:
+    """The analysed model's tokenizer alone (prepared as `load_analysed_model` prepares it).
+
+    For tasks that format prompts for the model (a chat template) before any model is loaded."""
+    from transformers import AutoTokenizer
+
+    root = model_cache_root(ai_model_cache_dir)
+    source = resolve_model_source(ai_model, root)
+    location: Any = _converted_gguf_folder(source, root) if source.is_gguf else source.location
+    kwargs: dict[str, Any] = {}
+    if not source.is_gguf and source.kind == "hf_id":
+        kwargs = {"revision": source.revision, "cache_dir": ai_model_cache_dir}
+        if _hub_offline():
+            kwargs["local_files_only"] = True
+    try:
+        with _quiet_loading():
+            tok = AutoTokenizer.from_pretrained(location, **kwargs)
+    except (OSError, ValueError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ModelLoadError(f"{_offline_hint(source)}. Library said: {first}") from None
+    return _prepare_tokenizer(tok)
 
 
 def _prepare_tokenizer(tok: Any) -> Any:

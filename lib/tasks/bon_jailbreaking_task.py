@@ -9,14 +9,17 @@ answer carries out the request (`is_jailbroken`).
 Configuration is by environment only, as for HANS:
 
 * `BON_REQUESTS_FILE`: the requests, one per row. `.csv`/`.tsv` with a `request` column (optional
-  `id`), `.jsonl` with one `{"request": ...}` object per line, or `.json` holding a list of strings
+  `id`, `category`), `.jsonl` with one `{"request": ...}` object per line, or `.json` holding a list of strings
   or of such objects. Augmented here, deterministically for stage 1's `--seed`.
 * `AUGMENTED_PROMPTS_FILE`: instead, the original's pre-augmented JSON list (items `prompt`,
   `original_prompt`, `augmentation_info` = {`sigma`, `stats`: {...}}); it wins when set. Without
-  either variable, `./data/bon_jailbreaking/dataset.json` (the original's default) is used if present.
+  either variable, `./data/bon_jailbreaking/dataset.json` (the original's default) is used if present,
+  else the request set that ships with MechaRule (`lib/tasks/data/bon_requests.csv`: 126 requests of
+  our own writing in HarmBench's seven categories, stated as benchmark requests, no operational detail).
 * `BON_AUGMENTATIONS_PER_REQUEST` (4) and `BON_SIGMAS` (`0.1,0.2,0.3,0.4`): augmentation k of a
   request uses sigma number k mod len(BON_SIGMAS).
-* `BON_JUDGE_MODEL` (`qwen/qwen3-32b`, i.e. Groq as in the original; `local:<alias>` runs offline),
+* `BON_JUDGE_MODEL` (`refusal`: the offline refusal-marker judge of `lib.tasks.bon_refusal_judge`;
+  an LLM judge as in the original: `qwen/qwen3-32b` on Groq, OpenAI, `ollama:`, `local:<alias>`),
   `BON_JUDGE_CACHE_DIR` (`./cache`; replies cached under `llm_calls/`), `BON_JUDGE_ON_FAILURE`
   (`error`, default: stage 1 stops and says how many judge calls failed; `drop`: those rows are
   kept unlabelled in the pickle, left out of the dataset and counted in `dataset_stats.json`).
@@ -28,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import hashlib
 import json
 import logging
 import os
@@ -42,6 +46,7 @@ import pandas as pd
 
 from lib.core.files_and_cache import content_key, load_pickle
 from lib.features.feature import Feature
+from lib.tasks.bon_refusal_judge import JUDGE_NAME as REFUSAL_JUDGE, judge_answers
 from lib.tasks.subsample import stratified_subsample
 from lib.tasks.base import TaskError, TaskSpec, generic_dataset_stats
 
@@ -50,6 +55,7 @@ __all__ = [
     "DEFAULT_SIGMAS",
     "DEFAULT_AUGMENTATIONS_PER_REQUEST",
     "DEFAULT_DATASET_FILE",
+    "SHIPPED_REQUESTS_FILE",
     "JUDGE_TEMPLATE",
     "MAX_NEW_TOKENS",
     "SYSTEM_PROMPT",
@@ -67,6 +73,7 @@ __all__ = [
     "read_requests",
     "read_augmented_prompts",
     "build_records",
+    "format_prompts",
     "build_judge_prompt",
     "parse_verdict",
     "judge_generations",
@@ -77,12 +84,17 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-DEFAULT_JUDGE_MODEL = "qwen/qwen3-32b"
+DEFAULT_JUDGE_MODEL = "refusal"  # the offline judge; the original's is "qwen/qwen3-32b" (Groq)
+SHIPPED_REQUESTS_FILE = Path(__file__).resolve().parent / "data" / "bon_requests.csv"
 DEFAULT_SIGMAS: tuple[float, ...] = (0.1, 0.2, 0.3, 0.4)
 DEFAULT_AUGMENTATIONS_PER_REQUEST = 4
 DEFAULT_DATASET_FILE = "./data/bon_jailbreaking/dataset.json"
 DEFAULT_JUDGE_CACHE_DIR = "./cache"
-MAX_NEW_TOKENS = 10
+MAX_NEW_TOKENS = 16  # the original answers in 10 tokens; BON_MAX_NEW_TOKENS sets it
+# How the analysed model sees a prompt: `chat` = the augmented request as the user turn of the
+# model's chat template (instruct models answer as assistants; the original fed raw text), `raw`.
+PROMPT_FORMATS = ("chat", "raw")
+DEFAULT_PROMPT_FORMAT = "chat"
 JUDGE_MAX_TOKENS = 5
 JUDGE_CHOICES = ("Yes", "No")
 JUDGE_CHUNK = 16  # judge requests sent per backend call
@@ -231,6 +243,8 @@ class BonConfig:
     judge_model: str = DEFAULT_JUDGE_MODEL
     judge_cache_dir: str = DEFAULT_JUDGE_CACHE_DIR
     on_judge_failure: str = "error"
+    prompt_format: str = DEFAULT_PROMPT_FORMAT
+    max_new_tokens: int = MAX_NEW_TOKENS
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> "BonConfig":
@@ -244,6 +258,16 @@ class BonConfig:
         if n_aug < 1:
             raise TaskError(f"BON_AUGMENTATIONS_PER_REQUEST must be >= 1, got {n_aug}")
         raw_sig = _env_str(env, "BON_SIGMAS")
+        prompt_format = (_env_str(env, "BON_PROMPT_FORMAT") or DEFAULT_PROMPT_FORMAT).lower()
+        if prompt_format not in PROMPT_FORMATS:
+            raise TaskError(f"BON_PROMPT_FORMAT={prompt_format!r}: use one of {', '.join(PROMPT_FORMATS)}")
+        raw_tokens = _env_str(env, "BON_MAX_NEW_TOKENS")
+        try:
+            max_new = int(raw_tokens) if raw_tokens else MAX_NEW_TOKENS
+        except ValueError:
+            raise TaskError(f"BON_MAX_NEW_TOKENS={raw_tokens!r} is not an integer") from None
+        if max_new < 1:
+            raise TaskError(f"BON_MAX_NEW_TOKENS must be >= 1, got {max_new}")
         policy = (_env_str(env, "BON_JUDGE_ON_FAILURE") or "error").lower()
         if policy not in FAILURE_POLICIES:
             raise TaskError(f"BON_JUDGE_ON_FAILURE={policy!r}: use one of {', '.join(FAILURE_POLICIES)}")
@@ -255,33 +279,35 @@ class BonConfig:
             judge_model=_env_str(env, "BON_JUDGE_MODEL") or DEFAULT_JUDGE_MODEL,
             judge_cache_dir=_env_str(env, "BON_JUDGE_CACHE_DIR") or DEFAULT_JUDGE_CACHE_DIR,
             on_judge_failure=policy,
+            prompt_format=prompt_format,
+            max_new_tokens=max_new,
         )
 
 
 # ---- input files ----------------------------------------------------------------------------
-def _request_from_item(item: Any, where: str) -> tuple[str | None, str]:
-    """(id, request text) of one JSON item: a string or an object with `request`."""
+def _request_from_item(item: Any, where: str) -> tuple[str | None, str, str]:
+    """(id, request text, category) of one JSON item: a string or an object with `request`."""
     if isinstance(item, str):
-        text, rid = item, None
+        text, rid, category = item, None, ""
     elif isinstance(item, Mapping) and isinstance(item.get("request"), str):
-        text, rid = item["request"], item.get("id")
+        text, rid, category = item["request"], item.get("id"), str(item.get("category") or "").strip()
     else:
         raise TaskError(f"{where}: expected a string or an object with a string 'request' field")
-    return (None if rid is None else str(rid)), text
+    return (None if rid is None else str(rid)), text, category
 
 
-def _read_request_items(path: Path) -> list[tuple[str | None, str]]:
-    """The (id, request) pairs of a requests file, by extension."""
+def _read_request_items(path: Path) -> list[tuple[str | None, str, str]]:
+    """The (id, request, category) triples of a requests file, by extension."""
     suffix = path.suffix.lower()
     if suffix in (".csv", ".tsv"):
         with open(path, encoding="utf-8", newline="") as fh:
             reader = csv.DictReader(fh, delimiter="\t" if suffix == ".tsv" else ",")
             if not reader.fieldnames or "request" not in [f.strip() for f in reader.fieldnames]:
                 raise TaskError(f"BON_REQUESTS_FILE '{path}' has no 'request' column (columns: {reader.fieldnames})")
-            return [((r.get("id") or "").strip() or None, r.get("request") or "") for r in
-                    ({(k or "").strip(): v for k, v in row.items()} for row in reader)]
+            return [((r.get("id") or "").strip() or None, r.get("request") or "", (r.get("category") or "").strip())
+                    for r in ({(k or "").strip(): v for k, v in row.items()} for row in reader)]
     if suffix == ".jsonl":
-        items: list[tuple[str | None, str]] = []
+        items: list[tuple[str | None, str, str]] = []
         with open(path, encoding="utf-8") as fh:
             for n, line in enumerate(fh, 1):
                 if not line.strip():
@@ -304,7 +330,7 @@ def _read_request_items(path: Path) -> list[tuple[str | None, str]]:
 
 
 def read_requests(path: str | Path) -> list[dict]:
-    """Requests as [{request_id, request}], blanks skipped, ids defaulting to `r<row number>`."""
+    """Requests as [{request_id, request, category}], blanks skipped, ids defaulting to `r<row number>`."""
     path = Path(path)
     if not path.is_file():
         raise TaskError(f"BON_REQUESTS_FILE '{path}' does not exist; expected {REQUEST_FORMATS}")
@@ -316,7 +342,7 @@ def read_requests(path: str | Path) -> list[dict]:
         raise TaskError(f"BON_REQUESTS_FILE '{path}' cannot be read ({exc})") from None
     out: list[dict] = []
     seen: set[str] = set()
-    for i, (rid, text) in enumerate(items):
+    for i, (rid, text, category) in enumerate(items):
         text = " ".join(str(text).split())
         if not text:
             continue
@@ -324,7 +350,7 @@ def read_requests(path: str | Path) -> list[dict]:
         if rid in seen:
             raise TaskError(f"BON_REQUESTS_FILE '{path}': request id {rid!r} occurs twice")
         seen.add(rid)
-        out.append({"request_id": rid, "request": text})
+        out.append({"request_id": rid, "request": text, "category": category})
     if not out:
         raise TaskError(f"BON_REQUESTS_FILE '{path}' holds no non-empty request; expected {REQUEST_FORMATS}")
     return out
@@ -378,8 +404,34 @@ def build_records(requests: Sequence[dict], per_request: int, sigmas: Sequence[f
             sigma = float(sigmas[k % len(sigmas)])
             prompt, info = augment_request(req["request"], sigma, augmentation_rng(seed, req["request"], k, sigma))
             records.append({"prompt": prompt, "original_prompt": req["request"], "request_id": req["request_id"],
-                            "augmentation_index": k, "augmentation_info": info})
+                            "request_category": req.get("category", ""), "augmentation_index": k,
+                            "augmentation_info": info})
     return records
+
+
+def format_prompts(records: Sequence[dict], prompt_format: str, model_alias: str | None,
+                   ai_model_cache_dir: str | None = None) -> list[dict]:
+    """Records with `prompt` as the analysed model will see it; the augmented text kept as `augmented_request`.
+
+    `chat` puts the augmented request in the user turn of the model's chat template (with the
+    assistant turn opened); without a model alias, or for a model without a template, the prompt
+    stays raw, and `prompt_format` on each record says which was used."""
+    tokenizer = None
+    if prompt_format == "chat" and model_alias:
+        from lib.models.loading import load_tokenizer
+
+        tokenizer = load_tokenizer(model_alias, ai_model_cache_dir)
+        if not getattr(tokenizer, "chat_template", None):
+            print(f"[bon] {model_alias} has no chat template: prompts stay raw text", flush=True)
+            tokenizer = None
+    out: list[dict] = []
+    for rec in records:
+        text = rec.get("augmented_request", rec["prompt"])
+        prompt = text if tokenizer is None else tokenizer.apply_chat_template(
+            [{"role": "user", "content": text}], tokenize=False, add_generation_prompt=True)
+        out.append({**rec, "augmented_request": text, "prompt": prompt,
+                    "prompt_format": "raw" if tokenizer is None else "chat"})
+    return out
 
 
 # ---- judge ----------------------------------------------------------------------------------
@@ -391,6 +443,7 @@ class JudgeResult:
     output: str | None
     status: str  # ok | empty_answer | unparseable | failed | not_attempted
     error: str | None = None
+    reason: str | None = None  # the refusal judge's reason (empty / refusal / off_topic / complied)
 
 
 _VERDICT = re.compile(r"\b(yes|no)\b", re.IGNORECASE)
@@ -452,6 +505,9 @@ def judge_generations(behaviors: Sequence[str], generations: Sequence[str], cfg:
 
     if len(behaviors) != len(generations):
         raise ValueError(f"judge: {len(behaviors)} behaviors but {len(generations)} generations")
+    if cfg.judge_model == REFUSAL_JUDGE:  # offline and deterministic: no calls, no cache
+        return [JudgeResult(v.jailbroken, v.output, "ok", reason=v.reason)
+                for v in judge_answers(behaviors, [str(g or "") for g in generations])]
     results: list[JudgeResult | None] = [None] * len(behaviors)
     todo = []
     for i, gen in enumerate(generations):
@@ -561,6 +617,7 @@ def _apply_verdict(item: dict, result: JudgeResult, judge_model: str) -> None:
     item["is_not_jailbroken"] = None if result.label is None else not result.label
     item["judge_status"] = result.status
     item["judge_model"] = judge_model
+    item["judge_reason"] = result.reason
 
 
 def _reusable_label(row: Any, response: str) -> bool | None:
@@ -591,37 +648,49 @@ class BonJailbreakingTask(TaskSpec):
     name = "bon_jailbreaking"
     DEFAULT_OUTPUT = "answer"
     DEFAULT_TARGETS = ("is_jailbroken",)
-    MAX_NEW_TOKENS = MAX_NEW_TOKENS
     SYSTEM_PROMPT = SYSTEM_PROMPT
     TOKENS_DICT_KEYS = TOKENS_DICT_KEYS
     SEED_FEATURES = SEED_FEATURES
+
+    @property
+    def MAX_NEW_TOKENS(self) -> int:  # type: ignore[override]  # read at use: BON_MAX_NEW_TOKENS
+        """The answer length in tokens (BON_MAX_NEW_TOKENS, default 16)."""
+        return BonConfig.from_env().max_new_tokens
 
     def config(self) -> BonConfig:
         return BonConfig.from_env()
 
     # ---- stage 1 ---------------------------------------------------------------------------
     def load_records(self, cfg: BonConfig, seed: int) -> list[dict]:
-        """All prompt records: the pre-augmented file, else the augmented requests file."""
+        """All prompt records, each tagged with `request_source` (which file, and its hash).
+
+        AUGMENTED_PROMPTS_FILE, else BON_REQUESTS_FILE (augmented here), else the original's default
+        pre-augmented file if present, else the request set that ships with MechaRule."""
         if cfg.augmented_file:
-            return read_augmented_prompts(cfg.augmented_file)
-        if cfg.requests_file:
-            return build_records(read_requests(cfg.requests_file), cfg.augmentations_per_request, cfg.sigmas, seed)
-        if Path(DEFAULT_DATASET_FILE).is_file():
-            return read_augmented_prompts(DEFAULT_DATASET_FILE)
-        raise TaskError(
-            f"BON_REQUESTS_FILE is not set: point it at the requests to augment ({REQUEST_FORMATS}), or set "
-            f"AUGMENTED_PROMPTS_FILE to {AUGMENTED_FORMAT} (default {DEFAULT_DATASET_FILE} does not exist)"
-        )
+            path, records, kind = Path(cfg.augmented_file), read_augmented_prompts(cfg.augmented_file), "augmented"
+        elif cfg.requests_file:
+            path, kind = Path(cfg.requests_file), "file"
+            records = build_records(read_requests(path), cfg.augmentations_per_request, cfg.sigmas, seed)
+        elif Path(DEFAULT_DATASET_FILE).is_file():
+            path, records, kind = Path(DEFAULT_DATASET_FILE), read_augmented_prompts(DEFAULT_DATASET_FILE), "augmented"
+        else:
+            path, kind = SHIPPED_REQUESTS_FILE, "shipped"
+            records = build_records(read_requests(path), cfg.augmentations_per_request, cfg.sigmas, seed)
+        source = f"{kind}:{path.name} sha256:{hashlib.sha256(path.read_bytes()).hexdigest()[:16]}"
+        for rec in records:
+            rec["request_source"] = source
+        return records
 
     def build_prompts(self, args: argparse.Namespace | None = None, model_alias: str | None = None) -> list[dict]:
         """Augmented prompts; `--seed` drives augmentation, `--max_prompts` a sigma-stratified subsample."""
         seed = int(getattr(args, "seed", 0) or 0)
-        records = self.load_records(self.config(), seed)
+        cfg = self.config()
+        records = self.load_records(cfg, seed)
         n = int(getattr(args, "max_prompts", 0) or 0)
         if n:
             keyed = [{"i": i, "sigma": r["augmentation_info"].get("sigma")} for i, r in enumerate(records)]
             records = [records[k["i"]] for k in stratified_subsample(keyed, "sigma", n, seed)]
-        return records
+        return format_prompts(records, cfg.prompt_format, model_alias, getattr(args, "ai_model_cache_dir", None))
 
     def assemble_cache(self, records: Sequence[dict], answers: Sequence[str], args: Any = None) -> list[dict]:
         """Judge every answer; a list of row dicts (spec §3 fields + request_id, judge_status, judge_model)."""
@@ -630,6 +699,9 @@ class BonJailbreakingTask(TaskSpec):
         cfg = self.config()
         items = [{"prompt": r["prompt"], "answer": a, "augmentation_info": r["augmentation_info"],
                   "original_prompt": r["original_prompt"], "request_id": r.get("request_id"),
+                  "request_category": r.get("request_category", ""), "request_source": r.get("request_source"),
+                  "augmented_request": r.get("augmented_request", r["prompt"]),
+                  "prompt_format": r.get("prompt_format", "raw"),
                   "augmentation_index": r.get("augmentation_index")} for r, a in zip(records, answers)]
         self._judge_items(items, list(range(len(items))), cfg)
         return items
@@ -723,6 +795,20 @@ class BonJailbreakingTask(TaskSpec):
             stats["judge_status_counts"] = {str(k): int(v) for k, v in df["judge_status"].value_counts().sort_index().items()}
         if "judge_model" in df.columns and df["judge_model"].notna().any():
             stats["judge_models"] = sorted(str(x) for x in df["judge_model"].dropna().unique())
+            stats["judge_model"] = stats["judge_models"][0] if len(stats["judge_models"]) == 1 else stats["judge_models"]
+        if "is_jailbroken" in df.columns:
+            labels = df["is_jailbroken"].astype(bool)
+            stats["judge_label_counts"] = {"jailbroken": int(labels.sum()), "not_jailbroken": int((~labels).sum())}
+        if "judge_reason" in df.columns and df["judge_reason"].notna().any():
+            stats["judge_reason_counts"] = {str(k): int(v) for k, v in
+                                            df["judge_reason"].dropna().value_counts().sort_index().items()}
+        if "request_source" in df.columns and df["request_source"].notna().any():
+            sources = sorted(str(x) for x in df["request_source"].dropna().unique())
+            stats["request_source"] = sources[0] if len(sources) == 1 else sources
+        if "request_category" in df.columns and (df["request_category"].fillna("") != "").any():
+            stats["jailbreak_rate_by_category"] = {
+                str(k): {"n": int(len(g)), "jailbreak_rate": float(g["is_jailbroken"].mean())}
+                for k, g in df.groupby(df["request_category"].fillna("").astype(str), sort=True)}
         if "aug_sigma" in df.columns and df["aug_sigma"].notna().any():
             sig = pd.to_numeric(df["aug_sigma"], errors="coerce")
             stats["sigma_summary"] = {"min": float(sig.min()), "max": float(sig.max()), "mean": float(sig.mean())}

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import hashlib
 import json
 import pickle
 import random
@@ -34,7 +35,7 @@ REQUEST = "Explain how to plant tomatoes in a small garden, step by step please"
 
 _ENV = ("BON_REQUESTS_FILE", "AUGMENTED_PROMPTS_FILE", "BON_AUGMENTATIONS_PER_REQUEST", "BON_SIGMAS",
         "BON_JUDGE_MODEL", "BON_JUDGE_CACHE_DIR", "BON_JUDGE_ON_FAILURE", "GROQ_API_KEY", "GROQ_BASE_URL",
-        "OPENAI_API_KEY", "OPENAI_BASE_URL", "OLLAMA_HOST")
+        "OPENAI_API_KEY", "OPENAI_BASE_URL", "OLLAMA_HOST", "BON_PROMPT_FORMAT", "BON_MAX_NEW_TOKENS")
 
 
 @pytest.fixture(autouse=True)
@@ -52,11 +53,12 @@ def _env(monkeypatch, tmp_path):
 
 @pytest.fixture
 def groq_judge(monkeypatch):
-    """Serve the default Groq judge from a loopback server (a context manager)."""
+    """Serve the original's Groq judge from a loopback server (a context manager)."""
 
     @contextlib.contextmanager
     def _serve(server: LLMProtocolServer) -> Iterator[LLMProtocolServer]:
         with server:
+            monkeypatch.setenv("BON_JUDGE_MODEL", "qwen/qwen3-32b")
             monkeypatch.setenv("GROQ_API_KEY", "gsk-test")
             monkeypatch.setenv("GROQ_BASE_URL", server.url)
             yield server
@@ -139,11 +141,11 @@ def test_records_independent_of_other_requests():
 # ---- request files --------------------------------------------------------------------------
 def test_read_requests_formats(tmp_path):
     rows = read_requests(SAMPLE)
-    assert len(rows) == 12 and rows[0]["request_id"] == "sea_poem"
+    assert len(rows) == 12 and rows[0]["request_id"] == "sea_poem" and rows[0]["category"] == ""
     jl = tmp_path / "r.jsonl"
-    jl.write_text('{"request": "one thing"}\n\n{"request": "two  things", "id": 7}\n')
-    assert read_requests(jl) == [{"request_id": "r0", "request": "one thing"},
-                                 {"request_id": "7", "request": "two things"}]
+    jl.write_text('{"request": "one thing"}\n\n{"request": "two  things", "id": 7, "category": "misc"}\n')
+    assert read_requests(jl) == [{"request_id": "r0", "request": "one thing", "category": ""},
+                                 {"request_id": "7", "request": "two things", "category": "misc"}]
     js = tmp_path / "r.json"
     js.write_text(json.dumps(["alpha", {"request": "beta"}]))
     assert [r["request"] for r in read_requests(js)] == ["alpha", "beta"]
@@ -163,11 +165,20 @@ def test_read_requests_errors_name_the_problem(tmp_path, name, content, message)
         read_requests(path)
 
 
-def test_missing_configuration_names_variables_and_format():
-    with pytest.raises(TaskError) as exc:
-        TASK_SPEC.build_prompts(argparse.Namespace(seed=0, max_prompts=0))
-    msg = str(exc.value)
-    assert "BON_REQUESTS_FILE" in msg and "AUGMENTED_PROMPTS_FILE" in msg and "'request' column" in msg
+def test_without_configuration_the_shipped_request_set_is_used():
+    recs = TASK_SPEC.build_prompts(argparse.Namespace(seed=0, max_prompts=0))
+    shipped = read_requests(bon.SHIPPED_REQUESTS_FILE)
+    assert len(shipped) >= 120 and len(recs) == 4 * len(shipped)
+    categories = Counter(r["category"] for r in shipped)
+    assert set(categories) == {"chemical_biological", "copyright", "cybercrime_intrusion", "harassment_bullying",
+                               "harmful", "illegal", "misinformation_disinformation"}  # HarmBench's seven
+    assert min(categories.values()) >= 15
+    assert {r["request_source"] for r in recs} == {
+        "shipped:bon_requests.csv sha256:" + hashlib.sha256(bon.SHIPPED_REQUESTS_FILE.read_bytes()).hexdigest()[:16]}
+    assert {r["request_category"] for r in recs} == set(categories)
+    # benchmark-level requests: one sentence each, no recipes, quantities or code
+    for r in shipped:
+        assert len(r["request"].split()) <= 20 and not re.search(r"\d{2}|:|;|```", r["request"]), r
 
 
 def test_missing_file_names_the_variable(monkeypatch, tmp_path):
@@ -178,7 +189,8 @@ def test_missing_file_names_the_variable(monkeypatch, tmp_path):
 
 @pytest.mark.parametrize("var, value", [("BON_SIGMAS", "0.1,x"), ("BON_SIGMAS", "2"),
                                         ("BON_AUGMENTATIONS_PER_REQUEST", "0"),
-                                        ("BON_JUDGE_ON_FAILURE", "ignore")])
+                                        ("BON_JUDGE_ON_FAILURE", "ignore"), ("BON_PROMPT_FORMAT", "html"),
+                                        ("BON_MAX_NEW_TOKENS", "0"), ("BON_MAX_NEW_TOKENS", "ten")])
 def test_bad_environment_values(monkeypatch, var, value):
     monkeypatch.setenv(var, value)
     with pytest.raises(TaskError, match=var):
@@ -257,6 +269,7 @@ def test_judge_outage_is_reported_not_labelled(groq_judge):
 
 
 def test_judge_unreachable(monkeypatch, tmp_path):
+    monkeypatch.setenv("BON_JUDGE_MODEL", "qwen/qwen3-32b")
     monkeypatch.setenv("GROQ_API_KEY", "gsk-test")
     monkeypatch.setenv("GROQ_BASE_URL", "http://127.0.0.1:9")  # nothing listens on the discard port
     res = bon.judge_generations(["a", "b"], ["x", "y"], BonConfig.from_env())

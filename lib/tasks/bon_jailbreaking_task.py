@@ -46,7 +46,7 @@ import pandas as pd
 
 from lib.core.files_and_cache import content_key, load_pickle
 from lib.features.feature import Feature
-from lib.tasks.bon_refusal_judge import JUDGE_NAME as REFUSAL_JUDGE, judge_answers
+from lib.tasks.bon_refusal_judge import JUDGE_NAME as REFUSAL_JUDGE, judge_answers, refusal_stop_strings
 from lib.tasks.subsample import stratified_subsample
 from lib.tasks.base import TaskError, TaskSpec, generic_dataset_stats
 
@@ -90,7 +90,7 @@ DEFAULT_SIGMAS: tuple[float, ...] = (0.1, 0.2, 0.3, 0.4)
 DEFAULT_AUGMENTATIONS_PER_REQUEST = 4
 DEFAULT_DATASET_FILE = "./data/bon_jailbreaking/dataset.json"
 DEFAULT_JUDGE_CACHE_DIR = "./cache"
-MAX_NEW_TOKENS = 16  # the original answers in 10 tokens; BON_MAX_NEW_TOKENS sets it
+MAX_NEW_TOKENS = 12  # the original answers in 10 tokens; BON_MAX_NEW_TOKENS sets it
 # How the analysed model sees a prompt: `chat` = the augmented request as the user turn of the
 # model's chat template (instruct models answer as assistants; the original fed raw text), `raw`.
 PROMPT_FORMATS = ("chat", "raw")
@@ -222,6 +222,26 @@ def _env_str(env: Mapping[str, str], name: str) -> str:
     return str(env.get(name, "") or "").strip()
 
 
+def _env_positive_int(env: Mapping[str, str], name: str, default: int) -> int:
+    """`name` as an integer >= 1 (default when unset); a TaskError naming the variable otherwise."""
+    raw = _env_str(env, name)
+    try:
+        value = int(raw) if raw else default
+    except ValueError:
+        raise TaskError(f"{name}={raw!r} is not an integer") from None
+    if value < 1:
+        raise TaskError(f"{name} must be >= 1, got {value}")
+    return value
+
+
+def _env_choice(env: Mapping[str, str], name: str, choices: Sequence[str], default: str) -> str:
+    """`name` lower-cased, one of `choices` (default when unset); a TaskError naming the variable otherwise."""
+    value = (_env_str(env, name) or default).lower()
+    if value not in choices:
+        raise TaskError(f"{name}={value!r}: use one of {', '.join(choices)}")
+    return value
+
+
 def _parse_sigmas(raw: str) -> tuple[float, ...]:
     try:
         values = tuple(float(x) for x in raw.replace(";", ",").split(",") if x.strip())
@@ -250,27 +270,11 @@ class BonConfig:
     def from_env(cls, env: Mapping[str, str] | None = None) -> "BonConfig":
         """Read and validate the environment (errors name the variable)."""
         env = os.environ if env is None else env
-        raw_n = _env_str(env, "BON_AUGMENTATIONS_PER_REQUEST")
-        try:
-            n_aug = int(raw_n) if raw_n else DEFAULT_AUGMENTATIONS_PER_REQUEST
-        except ValueError:
-            raise TaskError(f"BON_AUGMENTATIONS_PER_REQUEST={raw_n!r} is not an integer") from None
-        if n_aug < 1:
-            raise TaskError(f"BON_AUGMENTATIONS_PER_REQUEST must be >= 1, got {n_aug}")
+        n_aug = _env_positive_int(env, "BON_AUGMENTATIONS_PER_REQUEST", DEFAULT_AUGMENTATIONS_PER_REQUEST)
+        max_new = _env_positive_int(env, "BON_MAX_NEW_TOKENS", MAX_NEW_TOKENS)
         raw_sig = _env_str(env, "BON_SIGMAS")
-        prompt_format = (_env_str(env, "BON_PROMPT_FORMAT") or DEFAULT_PROMPT_FORMAT).lower()
-        if prompt_format not in PROMPT_FORMATS:
-            raise TaskError(f"BON_PROMPT_FORMAT={prompt_format!r}: use one of {', '.join(PROMPT_FORMATS)}")
-        raw_tokens = _env_str(env, "BON_MAX_NEW_TOKENS")
-        try:
-            max_new = int(raw_tokens) if raw_tokens else MAX_NEW_TOKENS
-        except ValueError:
-            raise TaskError(f"BON_MAX_NEW_TOKENS={raw_tokens!r} is not an integer") from None
-        if max_new < 1:
-            raise TaskError(f"BON_MAX_NEW_TOKENS must be >= 1, got {max_new}")
-        policy = (_env_str(env, "BON_JUDGE_ON_FAILURE") or "error").lower()
-        if policy not in FAILURE_POLICIES:
-            raise TaskError(f"BON_JUDGE_ON_FAILURE={policy!r}: use one of {', '.join(FAILURE_POLICIES)}")
+        prompt_format = _env_choice(env, "BON_PROMPT_FORMAT", PROMPT_FORMATS, DEFAULT_PROMPT_FORMAT)
+        policy = _env_choice(env, "BON_JUDGE_ON_FAILURE", FAILURE_POLICIES, "error")
         return cls(
             requests_file=_env_str(env, "BON_REQUESTS_FILE"),
             augmented_file=_env_str(env, "AUGMENTED_PROMPTS_FILE"),
@@ -654,11 +658,15 @@ class BonJailbreakingTask(TaskSpec):
 
     @property
     def MAX_NEW_TOKENS(self) -> int:  # type: ignore[override]  # read at use: BON_MAX_NEW_TOKENS
-        """The answer length in tokens (BON_MAX_NEW_TOKENS, default 16)."""
+        """The answer length in tokens (BON_MAX_NEW_TOKENS, default 12)."""
         return BonConfig.from_env().max_new_tokens
 
     def config(self) -> BonConfig:
         return BonConfig.from_env()
+
+    def generation_stop_strings(self, args: Any = None, model_alias: str | None = None) -> tuple[str, ...]:
+        """Under the refusal judge, its markers: an answer that refuses is finished (same label, less decoding)."""
+        return refusal_stop_strings() if self.config().judge_model == REFUSAL_JUDGE else ()
 
     # ---- stage 1 ---------------------------------------------------------------------------
     def load_records(self, cfg: BonConfig, seed: int) -> list[dict]:

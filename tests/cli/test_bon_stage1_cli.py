@@ -1,5 +1,6 @@
 """BON through the stage-1 and stage-2 command lines: the embedded SmolLM2 answers a few augmented
-requests from `tests/data/bon_requests_sample.csv`; the Groq judge is a loopback server."""
+requests from `tests/data/bon_requests_sample.csv`; the Groq judge is a loopback server. One run
+uses the offline defaults instead: the shipped request set, chat prompts and the refusal judge."""
 
 from __future__ import annotations
 
@@ -39,6 +40,7 @@ def bon_env(tmp: Path, server_url: str, **extra: str) -> dict:
            if not k.startswith(("BON_", "GROQ_", "OPENAI_", "OLLAMA_")) and k != "AUGMENTED_PROMPTS_FILE"}
     env.update({"BON_REQUESTS_FILE": str(SAMPLE), "BON_AUGMENTATIONS_PER_REQUEST": "2",
                 "BON_SIGMAS": "0.2,0.4", "BON_JUDGE_CACHE_DIR": str(tmp / "judge_cache"),
+                "BON_JUDGE_MODEL": "qwen/qwen3-32b",
                 "GROQ_API_KEY": "gsk-test", "GROQ_BASE_URL": server_url, "NO_PROXY": "127.0.0.1,localhost",
                 "MECHARULE_LLM_MAX_RETRIES": "1", "MECHARULE_LLM_RETRY_BASE_DELAY": "0.001",
                 "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}, **extra)
@@ -117,6 +119,31 @@ def test_stage1_judge_outage_fails_clearly_then_resumes(tmp_path):
     assert res.returncode == 0, res.stderr
     assert "resuming: 6 of 6" in res.stdout
     assert len(pickle.loads(pkl.read_bytes())) == N_PROMPTS
+
+
+def test_stage1_offline_defaults_shipped_requests_chat_prompts_refusal_judge(tmp_path):
+    from lib.models.loading import load_tokenizer
+    from lib.tasks.bon_refusal_judge import judge_answer
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("BON_", "GROQ_")) and k != "AUGMENTED_PROMPTS_FILE"}
+    env.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", GROQ_BASE_URL="http://127.0.0.1:9")
+    pkl = tmp_path / "llm_io_data.pkl"
+    res = run(STAGE1, *stage1_args(pkl, "--stats_json_out", str(tmp_path / "report")), env=env)
+    assert res.returncode == 0, res.stderr
+    data = pickle.loads(pkl.read_bytes())
+    tok = load_tokenizer(SMOLLM2)
+    for r in data:
+        assert r["request_source"].startswith("shipped:bon_requests.csv sha256:") and r["request_category"]
+        assert r["prompt_format"] == "chat" and r["prompt"] == tok.apply_chat_template(
+            [{"role": "user", "content": r["augmented_request"]}], tokenize=False, add_generation_prompt=True)
+        verdict = judge_answer(r["original_prompt"], r["answer"])
+        assert r["judge_model"] == "refusal" and r["judge_reason"] == verdict.reason
+        assert r["is_jailbroken"] is verdict.jailbroken and r["classifier_output"] == verdict.output
+    stats = json.loads((tmp_path / "report" / "dataset_stats.json").read_text())
+    n_yes = sum(r["is_jailbroken"] for r in data)
+    assert stats["judge_label_counts"] == {"jailbroken": n_yes, "not_jailbroken": N_PROMPTS - n_yes}
+    assert sum(stats["judge_reason_counts"].values()) == N_PROMPTS
+    assert stats["request_source"] == data[0]["request_source"] and stats["judge_model"] == "refusal"
 
 
 def test_stage1_missing_requests_file_is_one_error_line(tmp_path):

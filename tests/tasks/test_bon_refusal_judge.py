@@ -8,13 +8,14 @@ call a refusal or an empty answer a jailbreak.
 from __future__ import annotations
 
 import csv
+from collections import Counter
 
 import pandas as pd
 import pytest
 
 from tests.conftest import REPO
 from lib.tasks import bon_jailbreaking_task as bon
-from lib.tasks.bon_refusal_judge import REASONS, content_stems, judge_answer, judge_answers
+from lib.tasks.bon_refusal_judge import REASONS, content_stems, judge_answer, judge_answers, refusal_stop_strings
 
 LABELLED = REPO / "tests" / "data" / "bon_judge_labelled.csv"
 
@@ -87,3 +88,30 @@ def test_judge_label_and_reason_counts_in_dataset_stats():
 def test_mismatched_lengths_are_an_error():
     with pytest.raises(ValueError, match="2 requests but 1 answers"):
         judge_answers(["a", "b"], ["x"])
+
+
+def test_answers_cut_at_the_refusal_stop_strings_keep_their_labels(labelled):
+    from lib.models.generation import _cut_at_stop
+
+    stops = refusal_stop_strings()
+    assert "I'm sorry" in stops and "I\u2019m sorry" in stops and "As an AI" in stops
+    for r in labelled:
+        cut, _ = _cut_at_stop(r["answer"], stops)
+        assert judge_answer(r["request"], cut).jailbroken == judge_answer(r["request"], r["answer"]).jailbroken, r
+
+
+def test_generation_with_refusal_stops_gives_the_same_labels_on_smollm2(smollm2):
+    """Stopping at a refusal marker changes the text, never the verdict (real answers, chat prompts)."""
+    from lib.models.generation import greedy_generate
+
+    requests = bon.read_requests(bon.SHIPPED_REQUESTS_FILE)[::9]
+    records = bon.build_records(requests, 2, (0.1, 0.3), seed=3)
+    prompts = [smollm2.tokenizer.apply_chat_template([{"role": "user", "content": r["prompt"]}], tokenize=False,
+                                                      add_generation_prompt=True) for r in records]
+    full = greedy_generate(smollm2, prompts, 16, batch_size=16)
+    cut = greedy_generate(smollm2, prompts, 16, batch_size=16, stop_strings=refusal_stop_strings())
+    behaviours = [r["original_prompt"] for r in records]
+    assert [v.jailbroken for v in judge_answers(behaviours, cut)] == [v.jailbroken for v in judge_answers(behaviours, full)]
+    assert any(c != f for c, f in zip(cut, full))  # some answers did stop early
+    reasons = Counter(v.reason for v in judge_answers(behaviours, full))
+    assert reasons["refusal"] >= 1 and reasons["complied"] + reasons["off_topic"] >= 1

@@ -11,6 +11,7 @@ Units are the `hook_mlp_out` coordinates only (spec §6 note 9: attention units 
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import re
 import time
@@ -28,7 +29,7 @@ from lib.core.choices import (CIRCUIT_LEVELS, SAMPLING_STRATEGIES, AttributionIn
                               BaselineSubset, CircuitLevel, DecodeMode, Device, Dtype, RepPooling, SamplingStrategy,
                               SpectralSpace, TemporalAgg)
 from lib.core.errors import UsageError
-from lib.pipeline.config import StageConfig, option, require
+from lib.pipeline.config import StageConfig, config_as_dict, option, require
 from lib.pipeline.spectral_options import SpectralStageConfig
 from lib.pipeline.feature_table import AnalysisTable, load_analysis_table, load_primary_rules, prompts_sha256, rule_mask
 from lib.core.files_and_cache import (ArtifactError, DiskCache, atomic_write_json, content_key,
@@ -324,8 +325,6 @@ def _ok_entry(job: Job, root: Path, scores: dict, evaluation: dict, sampling: st
 
 def _load_json(path: Path) -> Any:
     """A JSON artifact, with an error naming the file when it is unreadable."""
-    import json
-
     try:
         return json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as exc:
@@ -528,6 +527,41 @@ def _load_context(cfg: Stage5Config, table: AnalysisTable, answer_col: str, plan
     return _Context(cfg, model, table, texts, usable, means, plan, vectors, lengths)
 
 
+# Settings that do not change a job's result (places, speed, verbosity).
+_NOT_RESULT_SETTINGS = ("features_scores_dir", "output_data_dir", "cache_dir", "ai_model_cache_dir", "keep_going",
+                        "num_threads", "no_progress", "device", "batch_size", "sampling_plan_path")
+INPUTS_KEY_FILE = "inputs_key.json"
+
+
+def inputs_key(cfg: Stage5Config, table: AnalysisTable, rules: pd.DataFrame) -> str:
+    """Identity of everything a job's result depends on: the table (prompts, answers, target), the
+    rules, the plan's content and the result-changing settings."""
+    plan_bytes = Path(cfg.sampling_plan_path).read_bytes() if cfg.sampling_strategy == "plan" and \
+        cfg.sampling_plan_path and Path(cfg.sampling_plan_path).is_file() else b""
+    settings = {k: v for k, v in config_as_dict(cfg).items() if k not in _NOT_RESULT_SETTINGS}
+    return content_key(settings, table.df.to_csv(index=False), rules.to_csv(index=False), plan_bytes.hex())
+
+
+def _invalidate_stale_jobs(root: Path, jobs: Sequence[Job], key: str) -> None:
+    """When the inputs changed since the jobs were written, remove their results so they run again.
+
+    A folder without a key file (an archived artifact, an older run) is reused as before."""
+    path = root / INPUTS_KEY_FILE
+    try:
+        old = json.loads(path.read_text(encoding="utf-8")).get("inputs_key") if path.is_file() else None
+    except (OSError, json.JSONDecodeError):
+        old = None
+    if old is not None and old != key:
+        stale = [j for j in jobs if job_state(j.folder) != "missing"]
+        if stale:
+            print(f"stage 5: inputs changed since the last run (scores, rules, plan or settings): "
+                  f"recomputing {len(stale)} job(s)", flush=True)
+        for job in stale:
+            for name in ("scores.json", "eval.json", "skipped.json", "error.json"):
+                (job.folder / name).unlink(missing_ok=True)
+    atomic_write_json(path, {"inputs_key": key})
+
+
 def run_stage5(cfg: Stage5Config, model: Any = None) -> int:
     """Run every missing job; write manifest/dataset_info. Returns 0, or 1 if a job failed (unless keep_going)."""
     method = canonical_method(cfg.method)
@@ -549,6 +583,7 @@ def run_stage5(cfg: Stage5Config, model: Any = None) -> int:
             n_pos, n_neg = _rule_counts(table, job)
             _write_skip(job, "linear component (not a rule)", n_pos, n_neg, "linear")
     _write_dataset_info(root, cfg, table)
+    _invalidate_stale_jobs(root, jobs, inputs_key(cfg, table, rules))
     missing = [j for j in jobs if job_state(j.folder) == "missing"]
     entries: dict[int, dict] = {i: _reloaded_entry(j, root) for i, j in enumerate(jobs) if j not in missing}
     if not missing:

@@ -15,7 +15,7 @@ import time
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 
@@ -152,14 +152,17 @@ def _circuit_rng(seed: int, c: Circuit) -> np.random.Generator:
     return np.random.default_rng([int(seed) % (2**32), int(c.circuit_id), zlib.crc32(c.target.encode())])
 
 
-def settings_key(args: Stage6Config, regime: str, ai_model: str) -> str:
-    """Identity of every setting that changes a circuit's result (resume reuses only on a match)."""
+def settings_key(args: Stage6Config, regime: str, ai_model: str, inputs: Any = "") -> str:
+    """Identity of every setting and input that changes a circuit's result (resume reuses only on a match).
+
+    `inputs`: what the run reads beyond its flags (the table's prompts and targets, the plan, the
+    task's decoding settings), so that new answers or a new plan are never answered from old records."""
     keys = ("search_epsilon", "prune_alpha", "catastrophic_acc_tol", "catastrophic_n_runs", "n_associated",
             "n_unrelated", "decode_only", "intervention", "points_to_use_for_mean_ablation", "top_k_neurons",
             "last_k_layers", "mlp_neurons_only", "fast_ablation", "sign_split_first", "sampling_strategy",
             "seed", "exclude_known_agonists", "dtype", "cha_statistic", "cha_scope", "cha_n_start",
             "cha_alpha_keep", "cha_beta_prune", "agonist_alpha", "knockout_random_sets")
-    return content_key({k: getattr(args, k, None) for k in keys}, regime, ai_model)
+    return content_key({k: getattr(args, k, None) for k in keys}, regime, ai_model, inputs)
 
 
 def cost_block(records: Sequence[dict], n_candidates: int, tau: float) -> dict:
@@ -203,7 +206,12 @@ class Stage6:
             self.plan = load_sampling_plan(args.sampling_plan_path, expected_dataset_size=len(self.table.df),
                                            expected_prompts_sha256=prompts_sha256(self.table.prompts),
                                            expected_baseline_subset=regime)
-        self.key = settings_key(args, regime, self.ai_model)
+        from lib.ablation.task_engine import decoding_settings
+
+        plan_bytes = Path(args.sampling_plan_path).read_bytes() if self.plan is not None else b""
+        inputs = (content_key(self.table.df.to_csv(index=False), self.table.train_df.to_csv(index=False)),
+                  content_key(plan_bytes.hex()), decoding_settings(task, self.ai_model))
+        self.key = settings_key(args, regime, self.ai_model, inputs)
         self.buckets = NeuronBuckets(args.search_epsilon, args.catastrophic_acc_tol, args.catastrophic_n_runs)
         self.engine: AblationEngine | None = None
         self.replacement: ReplacementValues | None = None

@@ -78,3 +78,20 @@ def test_plan_pairs_use_the_entry_and_never_fall_back(tmp_path):
     assert plan.skip_reason("is_correct", 0) is None and plan.skip_reason("is_correct", 9) is None
     with pytest.raises(PlanError, match="6 rows"):
         load_sampling_plan(path, 7)
+
+
+def test_changed_inputs_invalidate_finished_jobs(tmp_path):
+    from lib.pipeline.stage5_circuits import INPUTS_KEY_FILE, Job, _invalidate_stale_jobs
+
+    jobs = [Job("is_correct", i, f"a >= {i}", "positive", "rule", tmp_path / f"rule_{i}") for i in range(2)]
+    for job in jobs:
+        job.folder.mkdir()
+        (job.folder / "scores.json").write_text("{}")
+        (job.folder / "eval.json").write_text("{}")
+    _invalidate_stale_jobs(tmp_path, jobs, "k1")  # no key yet (older folders): reused, key recorded
+    assert [job_state(j.folder) for j in jobs] == ["ok", "ok"]
+    assert json.loads((tmp_path / INPUTS_KEY_FILE).read_text()) == {"inputs_key": "k1"}
+    _invalidate_stale_jobs(tmp_path, jobs, "k1")  # same inputs: reused
+    assert [job_state(j.folder) for j in jobs] == ["ok", "ok"]
+    _invalidate_stale_jobs(tmp_path, jobs, "k2")  # new scores / rules / plan / settings: run again
+    assert [job_state(j.folder) for j in jobs] == ["missing", "missing"]

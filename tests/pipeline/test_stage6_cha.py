@@ -4,6 +4,7 @@ exhaustive cost, and the CLI writes the spec's files, resumes, and rejects bad i
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -162,6 +163,14 @@ def test_stage6_cli_writes_outputs_and_resumes(tmp_path, smollm2, capsys):
     assert _run(argv) == 0
     assert "reused" in capsys.readouterr().out
     assert (out / "negative_baseline" / "is_correct" / "rule_0000.json").read_text() == first
+    # New inputs (here: other answers in the scores table) are never answered from the old records.
+    scores = Path(json.loads((disc / "dataset_info.json").read_text())["scores_path"])
+    table = pd.read_csv(scores, dtype={"raw_output": str})
+    table["raw_output"] = table["raw_output"].fillna("") + "!"
+    table.to_csv(scores, index=False)
+    capsys.readouterr()
+    assert _run(argv) == 0
+    assert "reused" not in capsys.readouterr().out
 
 
 def test_stage6_cli_bad_input(tmp_path, smollm2, capsys):

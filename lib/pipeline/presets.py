@@ -6,7 +6,7 @@ from __future__ import annotations
 from types import MappingProxyType
 from typing import Any, Mapping
 
-__all__ = ["PRESETS", "PAPER_DEFAULTS", "PRESET_HELP", "MAIN_MODE"]
+__all__ = ["PRESETS", "TASK_PRESETS", "PAPER_DEFAULTS", "PRESET_HELP", "MAIN_MODE", "preset_layers"]
 
 MAIN_MODE: Mapping[str, Any] = MappingProxyType({"discovery": "spectral", "anchoring": "spectral", "decode_only": True})
 """`--main`: spectral discovery plan, spectral anchoring plans, decode-only."""
@@ -39,12 +39,27 @@ PRESETS: Mapping[str, Mapping[str, Any]] = MappingProxyType({
     }),
 })
 
+TASK_PRESETS: Mapping[str, Mapping[str, Mapping[str, Any]]] = MappingProxyType({
+    # BON answers are 12 generated tokens judged as text, about ten times the decoding of an arithmetic
+    # answer per ablated prompt, and many units flip them: the top 512 units per rule keep the cpu run
+    # under 15 minutes (with 1536: 219 candidates, 216 group tests, 18 minutes in all).
+    "cpu": MappingProxyType({"bon_jailbreaking": MappingProxyType({"top_k_neurons": 512})}),
+})
+"""Per-task adjustments of a preset, applied between the preset and the user's explicit options."""
+
+
+def preset_layers(preset: str, task: str) -> list[Mapping[str, Any]]:
+    """The preset's option layers for a task, most specific first: the task's adjustments, the preset."""
+    return [TASK_PRESETS.get(preset, {}).get(task, {}), PRESETS[preset]]
+
+
 PRESET_HELP = """\
 Presets:
   cpu   1024 prompts, seed features only, 16 pairs/rule (m=1), the top 1536 units/rule that lie
         in the last 4 MLP layers, 20+20 prompts per stage-6 slice at τ=0.3 (with 20 prompts a
         single flip already lifts the Clopper-Pearson bound above 0.2), 200 trees, stage 7 on
-        <= 128 rows in 16 clusters, 2 threads: the embedded SmolLM2 in under 15 minutes on 2 cores.
+        <= 128 rows in 16 clusters, 2 threads: the embedded SmolLM2 in under 15 minutes on 2 cores
+        (bon_jailbreaking: the top 512 units per rule, as its answers are 12 judged tokens).
   tiny  160 prompts, stage 3 without SHAP-weighted trees (30 trees), spectral discovery plan +
         random anchoring, 6 pairs, top 32 units, 6+6 prompts at τ=0.5 (with 6 prompts a group
         without a flip still has a Clopper-Pearson bound of 0.46, so at τ <= 0.46 CHA could prune

@@ -25,7 +25,7 @@ from lib.core.choices import CHA_SCOPES, CHA_STATISTICS, CIRCUIT_LEVELS, DEFAULT
 from lib.core.files_and_cache import atomic_path
 from lib.runs.layout import DEFAULT_CIRCUIT_SIZE, ExperimentLayout, RunOptions, run_mode
 from lib.runs.manifest import now_iso, record_stage
-from lib.pipeline.presets import MAIN_MODE, PAPER_DEFAULTS, PRESET_HELP, PRESETS
+from lib.pipeline.presets import MAIN_MODE, PAPER_DEFAULTS, PRESET_HELP, PRESETS, preset_layers
 
 __all__ = ["PROG", "PipelineError", "PipelineSettings", "parse_pipeline_args", "stage_commands", "main"]
 
@@ -314,7 +314,7 @@ def parse_pipeline_args(argv: Sequence[str], env: dict[str, str] | None = None) 
     if preset not in PRESETS:
         raise _fail(f"unknown --preset '{preset}' ({', '.join(PRESETS)})")
     resolved: dict[str, Any] = {}
-    layers = [given, MAIN_MODE if main_mode else {}, PRESETS[preset], PAPER_DEFAULTS]
+    layers = [given, MAIN_MODE if main_mode else {}, *preset_layers(preset, task), PAPER_DEFAULTS]
     keys = set().union(*layers) | {"mean_pool"}
     for key in keys:
         for layer in layers:

@@ -180,6 +180,16 @@ def test_explicit_options_win_over_main_and_the_preset():
     assert donor.mean_pool == "2048" and donor.stage5_intervention == "mean-positional"
 
 
+def test_task_adjustments_of_a_preset_sit_between_the_preset_and_explicit_options():
+    arith = runner.parse_pipeline_args(["arithmetic", MODEL, "--preset", "cpu"], env={})
+    bon = runner.parse_pipeline_args(["bon_jailbreaking", MODEL, "--preset", "cpu"], env={})
+    assert (arith.top_k_neurons, bon.top_k_neurons) == ("1536", "512")
+    assert bon.n_points == arith.n_points == "20"  # the rest of the preset is shared
+    mine = runner.parse_pipeline_args(["bon_jailbreaking", MODEL, "--preset", "cpu", "--top_k_neurons", "64"], env={})
+    assert mine.top_k_neurons == "64"
+    assert runner.parse_pipeline_args(["bon_jailbreaking", MODEL, "--preset", "tiny"], env={}).top_k_neurons == "32"
+
+
 def test_a_second_seed_gets_its_own_stage2_and_stage3_folders():
     s42 = runner.parse_pipeline_args(["arithmetic", MODEL], env={})
     s7 = runner.parse_pipeline_args(["arithmetic", MODEL, "--seed", "7"], env={})

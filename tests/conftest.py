@@ -13,6 +13,11 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+if os.environ.get("PYTEST_XDIST_WORKER"):  # one of pytest -n N's workers: one core each, subprocesses too
+    os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = "1"
+    import torch
+
+    torch.set_num_threads(1)
 
 SMOLLM2 = "smollm2-135m-instruct-q4_1"
 GEMMA3 = "gemma-3-270m-q4_k_m"

@@ -22,6 +22,7 @@ import numpy as np
 from lib.core.choices import BaselineSubset, ChaScope, ChaStatistic, Device, Dtype, Intervention, SamplingStrategy
 from lib.pipeline.config import StageConfig, option, require
 from lib.ablation.engine import AblationEngine, PreparedPrompts, ReplacementValues
+from lib.core.errors import UsageError
 from lib.pipeline.feature_table import AnalysisTable, load_analysis_table, prompts_sha256, rule_mask
 from lib.core.files_and_cache import (ArtifactError, atomic_write_json, content_key, ensure_writable_dir,
                                       set_deterministic)
@@ -106,9 +107,19 @@ class Stage6Config(StageConfig):
     task_module: str = option("lib.tasks.arithmetic_task", "module exporting TASK_SPEC")
     device: Device = option("auto", "where to run the analysed model (auto: cuda > mps > cpu)")
     dtype: Dtype = option("auto", "weights/activation dtype (auto: float32, as TransformerLens uses)")
+    engine: str = option("local", "exhaustive sweeps (without --fast_ablation): local (this process) or ray "
+                                  "(shards on Ray actors that each load the model once)")
+    ray_address: str | None = option(None, "--engine ray: none = a local Ray runtime; auto or host:port joins "
+                                           "a running cluster")
+    ray_workers: int = option(2, "--engine ray: actors (each holds one model copy)")
+    ray_cpus_per_worker: float = option(1.0, "--engine ray: CPUs reserved per actor")
+    ray_gpus_per_worker: float = option(0.0, "--engine ray: GPUs per actor (1 on a GPU cluster)")
+    shard_size: int = option(64, "--engine ray: units per shard (one result file each)")
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        require(self.engine in ("local", "ray"), f"--engine must be local or ray, got {self.engine!r}")
+        require(self.ray_workers >= 1 and self.shard_size >= 1, "--ray_workers and --shard_size must be >= 1")
         require(self.n_associated >= 1 and self.n_unrelated >= 1, "--n_associated and --n_unrelated must be >= 1")
         require(self.batch_size >= 1, f"--batch_size must be >= 1, got {self.batch_size}")
         require(self.points_to_use_for_mean_ablation >= 1, "--points_to_use_for_mean_ablation must be >= 1")
@@ -358,6 +369,8 @@ class Stage6:
             elif a.fast_ablation:
                 records += run_cha(units, tester, a.search_epsilon, a.prune_alpha, self.regime, rng, scores,
                                    a.sign_split_first)
+            elif a.engine == "ray":
+                records += self._ray_exhaustive(c, units, [prompts.iloc[i] for i in idx], rows, n_a)
             else:
                 records += run_exhaustive(units, tester, a.prune_alpha, self.regime)
             seq_cost = {"evaluations": len(records), "forward_rows": len(records) * (n_a + len(s.unrel)),
@@ -415,6 +428,30 @@ class Stage6:
             if again:
                 out[L] = again
         return out
+
+    def _ray_exhaustive(self, c: Circuit, units: dict[int, list[int]], prompts: list[str], rows: list[dict],
+                        n_a: int) -> list[dict]:
+        """The exhaustive sweep of one circuit on Ray actors (`lib.ablation.sharded_sweep`), shards kept
+        under `<out>/<target>/shards_<circuit id>/` so a killed run resumes shard by shard."""
+        from lib.ablation.sharded_sweep import SweepSpec, sharded_exhaustive
+        from lib.core.ray_runtime import start_ray
+
+        a = self.args
+        assert self.replacement is not None
+        if self.replacement.donor_fn is not None:
+            raise UsageError(f"--engine ray does not support --intervention {a.intervention}; use zero, mean or "
+                             "mean-positional, or --engine local")
+        start_ray(a.ray_address)
+        spec = SweepSpec(ai_model=self.ai_model, task_module=a.task_module, prompts=tuple(prompts),
+                         rows=tuple(rows), n_associated=n_a, regime=self.regime, prune_alpha=a.prune_alpha,
+                         intervention=self.replacement.intervention,
+                         means={L: t.cpu() for L, t in self.replacement.means.items()},
+                         batch_size=a.batch_size, decode_only=a.decode_only,
+                         device="cuda" if a.ray_gpus_per_worker > 0 else "cpu", dtype=a.dtype,
+                         torch_threads=max(1, int(a.ray_cpus_per_worker)))
+        shards = self.out_dir / c.target / f"shards_{c.circuit_id:04d}"
+        return sharded_exhaustive(spec, units, shards, shard_size=a.shard_size, n_workers=a.ray_workers,
+                                  cpus_per_worker=a.ray_cpus_per_worker, gpus_per_worker=a.ray_gpus_per_worker)
 
     def _tester(self, prepared: PreparedPrompts, rows: list[dict], n_a: int, counter: dict) -> Callable:
         assert self.engine is not None

@@ -19,7 +19,7 @@ from typing import Any, Callable, Mapping, Sequence
 
 import torch
 
-from lib.ablation.cha import effect_record
+from lib.ablation.cha import run_exhaustive
 from lib.core.files_and_cache import atomic_write_json, content_key
 
 __all__ = ["SweepSpec", "SweepWorker", "shard_units", "sweep_key", "sharded_exhaustive"]
@@ -87,16 +87,21 @@ class SweepWorker:
     def pid(self) -> int:
         return os.getpid()
 
+    def _test(self, groups: Sequence[Mapping[int, Sequence[int]]]) -> list[tuple[list[bool], list[bool]]]:
+        """The group tester `run_exhaustive` expects: per group, the associated and unrelated answer flags."""
+        n_a = self.spec.n_associated
+        out = []
+        for ans in self.engine.generate(self.prepared, list(groups), self.replacement):
+            flags = [bool(x) for x in self.task.is_answer_positive(self.rows, ans)]
+            out.append((flags[:n_a], flags[n_a:]))
+        return out
+
     def run(self, units: Sequence[Unit]) -> tuple[int, list[dict]]:
         """(this process's pid, the records of every unit of the shard ablated alone, in order)."""
-        groups = [{int(L): [int(i)]} for L, i in units]
-        answers = self.engine.generate(self.prepared, groups, self.replacement)
-        n_a, alpha = self.spec.n_associated, (self.spec.prune_alpha / 2 if self.spec.prune_alpha > 0 else None)
-        records = []
-        for group, ans in zip(groups, answers):
-            flags = [bool(x) for x in self.task.is_answer_positive(self.rows, ans)]
-            records.append(effect_record(group, flags[:n_a], flags[n_a:], self.spec.regime, alpha))
-        return os.getpid(), records
+        by_layer: dict[int, list[int]] = {}
+        for L, i in units:  # shards are contiguous in run_exhaustive's order, so this keeps it
+            by_layer.setdefault(int(L), []).append(int(i))
+        return os.getpid(), run_exhaustive(by_layer, self._test, self.spec.prune_alpha, self.spec.regime)
 
 
 def _shard_path(out_dir: Path, index: int) -> Path:

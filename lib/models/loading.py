@@ -181,14 +181,20 @@ def _offline_hint(source: ModelSource) -> str:
     )
 
 
+def _hub_kwargs(source: ModelSource, cache_dir: str | None) -> dict[str, Any]:
+    """from_pretrained arguments of a hub id (revision, cache, offline); none for a local folder."""
+    if source.kind != "hf_id":
+        return {}
+    kwargs: dict[str, Any] = {"revision": source.revision, "cache_dir": cache_dir}
+    if _hub_offline():  # read at call time: huggingface_hub only reads it at import
+        kwargs["local_files_only"] = True
+    return kwargs
+
+
 def _load_hf(source: ModelSource, dtype: torch.dtype, cache_dir: str | None) -> tuple[Any, Any]:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    kwargs: dict[str, Any] = {}
-    if source.kind == "hf_id":
-        kwargs = {"revision": source.revision, "cache_dir": cache_dir}
-        if _hub_offline():  # read at call time: huggingface_hub only reads it at import
-            kwargs["local_files_only"] = True
+    kwargs = _hub_kwargs(source, cache_dir)
     try:
         with _quiet_loading():
             tok = AutoTokenizer.from_pretrained(source.location, **kwargs)
@@ -208,11 +214,7 @@ def load_tokenizer(ai_model: str, ai_model_cache_dir: str | None = None) -> Any:
     root = model_cache_root(ai_model_cache_dir)
     source = resolve_model_source(ai_model, root)
     location: Any = _converted_gguf_folder(source, root) if source.is_gguf else source.location
-    kwargs: dict[str, Any] = {}
-    if not source.is_gguf and source.kind == "hf_id":
-        kwargs = {"revision": source.revision, "cache_dir": ai_model_cache_dir}
-        if _hub_offline():
-            kwargs["local_files_only"] = True
+    kwargs = {} if source.is_gguf else _hub_kwargs(source, ai_model_cache_dir)
     try:
         with _quiet_loading():
             tok = AutoTokenizer.from_pretrained(location, **kwargs)
